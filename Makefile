@@ -1,0 +1,49 @@
+# The README's two commands are `make up` and `make test`; everything else is for developers.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: up test install kafka kafka-stop lint typecheck bench bench-gateway bench-streams bench-warehouse clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make up: set up everything (venv, install, Kafka jars) and run the whole stack with simulated calls.
+up: $(STAMP)
+	$(BIN)/callstream up
+
+## make test: the whole test suite, against a real Kafka broker that the suite starts itself.
+test: $(STAMP)
+	$(BIN)/callstream kafka start --help >/dev/null
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+kafka: $(STAMP)
+	$(BIN)/callstream kafka start
+
+kafka-stop: $(STAMP)
+	$(BIN)/callstream kafka stop
+
+lint: $(STAMP)
+	$(BIN)/ruff check callstream gateway streams warehouse tests bench
+	$(BIN)/mypy
+
+bench: bench-gateway bench-streams bench-warehouse
+
+bench-gateway: $(STAMP)
+	$(BIN)/python -m bench.gateway
+
+bench-streams: $(STAMP)
+	$(BIN)/python -m bench.streams
+
+bench-warehouse: $(STAMP)
+	$(BIN)/python -m bench.warehouse
+
+clean:
+	rm -rf data .pytest_cache .mypy_cache .ruff_cache

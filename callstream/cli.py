@@ -1,0 +1,225 @@
+"""The `callstream` command: kafka, gateway, worker, sink, simulate and up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from callstream.errors import CallstreamError
+from callstream.localkafka import LocalKafka
+from callstream.logs import setup_logging
+
+log = logging.getLogger("callstream")
+
+
+def _settings_error(exc: ValidationError) -> click.ClickException:
+    msgs = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+    return click.ClickException(f"configuration: {msgs}")
+
+
+def _bootstrap_port(bootstrap: str) -> tuple[str, int]:
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="callstream")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default CALLSTREAM_LOG_LEVEL or INFO).")
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None) -> None:
+    """callstream: Retell AI / UponAI call webhooks into Kafka, live metrics and a DuckDB warehouse.
+
+    First run: `callstream up` starts a local Kafka, the gateway, the worker and the sink, and
+    sends simulated calls through them. Every command reads CALLSTREAM_* variables and `.env`.
+    """
+    level = log_level or os.environ.get("CALLSTREAM_LOG_LEVEL", "INFO")
+    ctx.obj = {"log_level": level}
+    setup_logging(level)
+
+
+# -- kafka --------------------------------------------------------------------------------------
+
+
+@main.group()
+def kafka() -> None:
+    """A local single-node Apache Kafka (KRaft) without Docker, fetched once with Maven."""
+
+
+def _local(port: int | None, home: str | None) -> LocalKafka:
+    from callstream.localkafka import default_home
+    from callstream.settings import CommonSettings
+
+    host, default_port = _bootstrap_port(CommonSettings().kafka_bootstrap)
+    return LocalKafka(home=default_home() if home is None else Path(home), host=host, port=port or default_port)
+
+
+_port = click.option("--port", type=int, default=None, help="Broker port (default: from CALLSTREAM_KAFKA_BOOTSTRAP, 9092).")
+_home = click.option("--home", default=None, help="Folder for jars, data and logs (default CALLSTREAM_KAFKA_HOME or ./.kafka).")
+
+
+@kafka.command("start")
+@_port
+@_home
+@click.option("--wait", default=90.0, show_default=True, help="Seconds to wait for the broker to answer.")
+def kafka_start(port: int | None, home: str | None, wait: float) -> None:
+    """Start the broker (fetching it on first use) and wait until it answers. Idempotent."""
+    k = _local(port, home)
+    try:
+        k.start(wait=wait, say=click.echo)
+    except CallstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@kafka.command("stop")
+@_port
+@_home
+def kafka_stop(port: int | None, home: str | None) -> None:
+    """Stop the broker that `kafka start` started, and wait until its JVM is gone."""
+    k = _local(port, home)
+    k.stop(say=click.echo)
+
+
+@kafka.command("status")
+@_port
+@_home
+def kafka_status(port: int | None, home: str | None) -> None:
+    """Say whether the broker runs; exit status 1 when it does not answer."""
+    k = _local(port, home)
+    click.echo(k.status())
+    sys.exit(0 if k.running() else 1)
+
+
+# -- services -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int, help="Processes; one per core is the fastest.")
+@click.pass_context
+def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
+    """The webhook receiver: POST /webhook, GET /healthz, /readyz, /metrics (OpenAPI at /docs)."""
+    import uvicorn
+
+    from gateway.settings import GatewaySettings
+
+    try:
+        cfg = GatewaySettings()
+    except ValidationError as exc:
+        raise _settings_error(exc) from exc
+    click.echo(f"gateway: http://{host}:{port}/webhook -> kafka {cfg.kafka_bootstrap} (prefix {cfg.topic_prefix})", err=True)
+    uvicorn.run(
+        "gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
+        log_level=ctx.obj["log_level"].lower(), access_log=False, http="httptools", loop="uvloop",
+        timeout_graceful_shutdown=10,
+    )
+
+
+@main.command()
+@click.option("--web-host", default=None, help="Dashboard host (default CALLSTREAM_WEB_HOST or 127.0.0.1).")
+@click.option("--web-port", default=None, type=int, help="Dashboard port (default CALLSTREAM_WEB_PORT or 6066).")
+@click.pass_context
+def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> None:
+    """The Faust app: live metrics, alerts and the live dashboard (default http://127.0.0.1:6066/)."""
+    from faust import Worker
+
+    from streams.app import create_app
+    from streams.settings import WorkerSettings
+
+    overrides: dict[str, object] = {k: v for k, v in {"web_host": web_host, "web_port": web_port}.items() if v is not None}
+    try:
+        cfg = WorkerSettings.model_validate(overrides)
+    except ValidationError as exc:
+        raise _settings_error(exc) from exc
+    app = create_app(cfg)
+    click.echo(f"worker: dashboard http://{cfg.web_host}:{cfg.web_port}/ ; kafka {cfg.kafka_bootstrap}", err=True)
+    Worker(app, loglevel=ctx.obj["log_level"].upper(), quiet=True).execute_from_commandline()
+
+
+@main.command()
+@click.option("--until-caught-up", is_flag=True, help="Load what the topics hold now, then exit (batch mode).")
+def sink(until_caught_up: bool) -> None:
+    """The warehouse loader: analyzed calls and chats into DuckDB and Parquet, exactly once."""
+    from warehouse.settings import SinkSettings
+    from warehouse.sink import run_sink
+
+    try:
+        cfg = SinkSettings()
+    except ValidationError as exc:
+        raise _settings_error(exc) from exc
+    try:
+        stats = run_sink(cfg, until_caught_up=until_caught_up)
+    except CallstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"sink: {stats.records} records, {stats.rows} rows, {stats.dead_letters} dead letters", err=True)
+
+
+def _first_key() -> str | None:
+    raw = os.environ.get("CALLSTREAM_API_KEYS") or os.environ.get("RETELL_API_KEY")
+    if not raw:
+        from gateway.settings import GatewaySettings
+
+        try:
+            cfg = GatewaySettings()
+        except ValidationError:
+            return None
+        keys = cfg.keys()
+        return keys[0].decode() if keys else None
+    return raw.split(",")[0].strip() or None
+
+
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8000/webhook", show_default=True, help="The gateway's webhook URL.")
+@click.option("--calls", default=200, show_default=True, help="Calls and chats to simulate (ignored with --duration).")
+@click.option("--duration", type=float, default=None, help="Run for this many seconds instead of a fixed number of calls.")
+@click.option("--rate", default=200.0, show_default=True, help="Deliveries per second (0: as fast as possible).")
+@click.option("--concurrency", default=64, show_default=True, help="Deliveries in flight at once.")
+@click.option("--duplicates", default=0.03, show_default=True, help="Share of events delivered twice (the sender's retries).")
+@click.option("--reorder", default=0.02, show_default=True, help="Share of calls with two neighbouring events swapped.")
+@click.option("--agents", default=5, show_default=True, help="Distinct agents.")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--key", default=None, help="API key to sign with (default: the first of CALLSTREAM_API_KEYS or RETELL_API_KEY).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def simulate(url: str, calls: int, duration: float | None, rate: float, concurrency: int, duplicates: float,
+             reorder: float, agents: int, seed: int, key: str | None, no_progress: bool) -> None:
+    """Realistic, signed webhook traffic against a gateway, at a given rate."""
+    from tqdm import tqdm
+
+    from callstream.simulate import run
+
+    key = key or _first_key()
+    if not key:
+        click.echo("simulate: no API key (CALLSTREAM_API_KEYS / RETELL_API_KEY / --key); sending unsigned", err=True)
+    with tqdm(unit="req", disable=no_progress, file=sys.stderr, desc="simulate") as bar:
+        res = asyncio.run(run(url, key, calls=calls, rate=rate, duration=duration, concurrency=concurrency,
+                              duplicate_rate=duplicates, reorder_rate=reorder, seed=seed, agents=agents,
+                              progress=bar.update))
+    click.echo(res.summary())
+    if res.failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--calls", default=300, show_default=True, help="Simulated calls to send once everything runs.")
+@click.option("--rate", default=100.0, show_default=True, help="Deliveries per second for the simulation.")
+@click.option("--gateway-port", default=8000, show_default=True)
+@click.option("--web-port", default=6066, show_default=True, help="The worker's dashboard port.")
+@click.option("--exit-after-summary", is_flag=True, help="Stop everything after the summary instead of waiting for Ctrl-C.")
+def up(calls: int, rate: float, gateway_port: int, web_port: int, exit_after_summary: bool) -> None:
+    """Everything on one machine for a first run: Kafka, gateway, worker, sink, and simulated calls.
+
+    Ctrl-C stops all of it, including the broker if `up` started it.
+    """
+    from callstream.up import Stack
+
+    stack = Stack(calls=calls, rate=rate, gateway_port=gateway_port, web_port=web_port, say=click.echo)
+    try:
+        stack.run(wait_forever=not exit_after_summary)
+    except CallstreamError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,355 @@
+"""A local single-node Apache Kafka (KRaft) without Docker, for development and tests.
+
+The broker is the real Apache Kafka from Maven Central: Maven copies `org.apache.kafka:kafka_2.13`
+and its runtime dependencies into a cache folder, `kafka.tools.StorageTool` formats a data folder,
+and `kafka.Kafka` runs broker and controller in one JVM. The Maven POM lacks the logging binding
+that the release tarball ships, so we add `log4j-slf4j-impl` (Kafka 4 still uses SLF4J 1.7) or
+the broker would log nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from callstream.errors import KafkaSetupError
+
+log = logging.getLogger(__name__)
+
+KAFKA_VERSION = os.environ.get("CALLSTREAM_KAFKA_VERSION", "4.1.1")
+LOG4J_VERSION = "2.24.3"
+DOCKER_HINT = "The other way to get a broker is Docker: `docker compose up -d kafka`."
+
+POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>callstream.local</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{kafka}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+LOG4J2 = """Configuration:
+  Appenders:
+    RollingFile:
+      name: FILE
+      fileName: "{logs}/server.log"
+      filePattern: "{logs}/server.log.%i"
+      PatternLayout:
+        pattern: "[%d] %p %m (%c)%n"
+      SizeBasedTriggeringPolicy:
+        size: 50MB
+      DefaultRolloverStrategy:
+        max: 3
+  Loggers:
+    Root:
+      level: INFO
+      AppenderRef:
+        - ref: FILE
+    Logger:
+      - name: kafka.request.logger
+        level: WARN
+      - name: org.apache.kafka.controller
+        level: INFO
+"""
+
+SERVER_PROPERTIES = """# Written by `callstream kafka start`; edit the code, not this file.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@{host}:{controller_port}
+listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}
+advertised.listeners=PLAINTEXT://{host}:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={data}
+num.partitions={partitions}
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+log.segment.bytes=104857600
+"""
+
+
+def default_home() -> Path:
+    """Where jars, data and logs live: `CALLSTREAM_KAFKA_HOME`, else `.kafka/` in the current folder."""
+    return Path(os.environ.get("CALLSTREAM_KAFKA_HOME", ".kafka")).resolve()
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def broker_answers(bootstrap: str, timeout: float = 3.0) -> bool:
+    """True when a Kafka broker at `bootstrap` answers a metadata request."""
+    from confluent_kafka.admin import AdminClient
+
+    host, _, port = bootstrap.partition(",")[0].rpartition(":")
+    if not port_open(host or "127.0.0.1", int(port)):
+        return False
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(timeout * 1000)})
+    try:
+        admin.list_topics(timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+@dataclass
+class LocalKafka:
+    """One local broker: its jar cache, its data/log folder and its ports."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+    controller_port: int | None = None
+    partitions: int = 3
+    heap: str = "1g"
+    jars: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).resolve()
+        if self.controller_port is None:
+            self.controller_port = self.port + 1
+        if self.jars is None:
+            cache = os.environ.get("CALLSTREAM_KAFKA_CACHE")
+            self.jars = (Path(cache) if cache else self.home / "jars").resolve() / KAFKA_VERSION
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def state(self) -> Path:
+        """Data, logs and pid file of the broker on this port."""
+        return self.home / f"broker-{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state / "broker.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state / "logs"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state / "data"
+
+    # -- fetch -------------------------------------------------------------------------------
+
+    def _check_tools(self) -> tuple[str, str]:
+        java = shutil.which("java")
+        if java is None:
+            raise KafkaSetupError(f"`java` was not found on PATH; install Java 17 or later. {DOCKER_HINT}")
+        mvn = shutil.which("mvn")
+        if mvn is None and not self._jars_ready():
+            raise KafkaSetupError(
+                f"`mvn` (Apache Maven) was not found on PATH; it fetches the Kafka jars once. {DOCKER_HINT}"
+            )
+        return java, mvn or "mvn"
+
+    def _jars_ready(self) -> bool:
+        assert self.jars is not None
+        return (self.jars / ".complete").exists()
+
+    def fetch(self, say: Callable[[str], None] = log.info) -> Path:
+        """Copy Kafka and its runtime dependencies from Maven Central into the cache, once."""
+        assert self.jars is not None
+        if self._jars_ready():
+            return self.jars
+        _, mvn = self._check_tools()
+        say(f"Fetching Apache Kafka {KAFKA_VERSION} from Maven Central into {self.jars} (once) ...")
+        self.jars.mkdir(parents=True, exist_ok=True)
+        pom = self.jars / "pom.xml"
+        pom.write_text(POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+        started = time.monotonic()
+        proc = subprocess.run(
+            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+             f"-DoutputDirectory={self.jars / 'lib'}", "-DincludeScope=runtime"],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            raise KafkaSetupError(
+                "Maven could not fetch Apache Kafka "
+                f"{KAFKA_VERSION} (exit {proc.returncode}):\n  " + "\n  ".join(tail) + f"\n{DOCKER_HINT}"
+            )
+        (self.jars / ".complete").write_text(KAFKA_VERSION)
+        say(f"Fetched Kafka {KAFKA_VERSION} in {time.monotonic() - started:.1f}s.")
+        return self.jars
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """The broker's pid if its pid file names a live process."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+    def running(self) -> bool:
+        return broker_answers(self.bootstrap)
+
+    def _java_cmd(self, java: str, main: str, *args: str) -> list[str]:
+        assert self.jars is not None
+        return [java, "-cp", str(self.jars / "lib" / "*"), main, *args]
+
+    def _write_config(self) -> Path:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        props = self.state / "server.properties"
+        props.write_text(
+            SERVER_PROPERTIES.format(
+                host=self.host, port=self.port, controller_port=self.controller_port,
+                data=self.data_dir, partitions=self.partitions,
+            )
+        )
+        (self.state / "log4j2.yaml").write_text(LOG4J2.format(logs=self.log_dir))
+        return props
+
+    def _format(self, java: str, props: Path) -> None:
+        if (self.data_dir / "meta.properties").exists():
+            return
+        # StorageTool wants a cluster id in Kafka's form: a UUID as url-safe base64 without padding.
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        proc = subprocess.run(
+            self._java_cmd(java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise KafkaSetupError(
+                f"kafka.tools.StorageTool could not format {self.data_dir}: "
+                f"{(proc.stdout + proc.stderr).strip()[-800:]}"
+            )
+
+    def start(self, wait: float = 90.0, say: Callable[[str], None] = log.info) -> float:
+        """Start the broker unless one already answers; return seconds until it answered."""
+        if self.running():
+            say(f"Kafka is already running on {self.bootstrap}.")
+            return 0.0
+        assert self.controller_port is not None
+        for p in (self.port, self.controller_port):
+            if port_open(self.host, p):
+                raise KafkaSetupError(
+                    f"port {self.host}:{p} is taken by something that is not a Kafka broker answering on "
+                    f"{self.bootstrap}; stop it or pick another port with --port."
+                )
+        java, _ = self._check_tools()
+        started = time.monotonic()
+        self.fetch(say)
+        props = self._write_config()
+        self._format(java, props)
+        heap = os.environ.get("KAFKA_HEAP_OPTS", f"-Xms256m -Xmx{self.heap}").split()
+        cmd = [
+            java, *heap, "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.state / 'log4j2.yaml'}",
+            f"-Dkafka.logs.dir={self.log_dir}",
+            "-cp", str(self.jars / "lib" / "*"),  # type: ignore[operator]
+            "kafka.Kafka", str(props),
+        ]
+        with open(self.log_dir / "stdout.log", "ab") as out:
+            # A new session: Ctrl-C in the terminal that started it must not kill the broker;
+            # `callstream kafka stop` does.
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.pid_file.write_text(str(proc.pid))
+        say(f"Starting Kafka {KAFKA_VERSION} on {self.bootstrap} (pid {proc.pid}); waiting for it to answer ...")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise KafkaSetupError(
+                    f"the Kafka broker exited with code {proc.returncode} while starting; "
+                    f"see {self.log_dir / 'server.log'} and {self.log_dir / 'stdout.log'}"
+                )
+            if broker_answers(self.bootstrap, timeout=1.0):
+                took = time.monotonic() - started
+                say(f"Kafka is ready on {self.bootstrap} after {took:.1f}s (logs: {self.log_dir}).")
+                return took
+            time.sleep(0.3)
+        self.stop()
+        raise KafkaSetupError(
+            f"the Kafka broker did not answer on {self.bootstrap} within {wait:.0f}s; "
+            f"see {self.log_dir / 'server.log'}"
+        )
+
+    def stop(self, timeout: float = 30.0, say: Callable[[str], None] = log.info) -> bool:
+        """Stop the broker this home started; True if one was running."""
+        pid = self.pid()
+        if pid is None:
+            say(f"No broker started from {self.home} is running on port {self.port}.")
+            return False
+        say(f"Stopping Kafka (pid {pid}) ...")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pid() is not None:
+            _reap(pid)
+            time.sleep(0.2)
+        if self.pid() is not None:
+            say(f"Kafka did not stop within {timeout:.0f}s; killing it.")
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+            _reap(pid)
+        self.pid_file.unlink(missing_ok=True)
+        say("Kafka stopped.")
+        return True
+
+    def status(self) -> str:
+        pid = self.pid()
+        answers = self.running()
+        if answers:
+            who = f"pid {pid}, started from {self.home}" if pid else "not started from here"
+            return f"Kafka is running on {self.bootstrap} ({who}); logs: {self.log_dir}"
+        if pid:
+            return f"Kafka process {pid} is alive but does not answer on {self.bootstrap}; see {self.log_dir}"
+        return f"Kafka is not running on {self.bootstrap}."
+
+
+def _reap(pid: int) -> None:
+    """Collect a child that has exited so it does not linger as a zombie (and look alive)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

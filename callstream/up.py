@@ -1,0 +1,149 @@
+"""`callstream up`: the whole stack on one machine, for a first run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+
+from callstream.errors import CallstreamError
+from callstream.localkafka import LocalKafka, broker_answers, default_home
+from callstream.settings import CommonSettings
+from callstream.simulate import run as simulate
+from callstream.topics import ensure_topics
+
+
+@dataclass
+class Stack:
+    calls: int = 300
+    rate: float = 100.0
+    gateway_port: int = 8000
+    web_port: int = 6066
+    say: Callable[[str], None] = print
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    kafka: LocalKafka | None = None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if not (env.get("CALLSTREAM_API_KEYS") or env.get("RETELL_API_KEY")):
+            key = "local-" + secrets.token_hex(16)
+            env["CALLSTREAM_API_KEYS"] = key
+            self.say("No CALLSTREAM_API_KEYS or RETELL_API_KEY: made a local key for this run's gateway and simulator.")
+        env.setdefault("CALLSTREAM_WEB_PORT", str(self.web_port))
+        return env
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "callstream", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def _wait_http(self, name: str, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise CallstreamError(f"{name} exited with code {proc.returncode}; see data/logs/{name}.log")
+            try:
+                if httpx.get(url, timeout=1.0).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise CallstreamError(f"{name} did not answer on {url} within {timeout:.0f}s; see data/logs/{name}.log")
+
+    def run(self, wait_forever: bool = True) -> None:
+        common = CommonSettings()
+        env = self._env()
+        logs = Path("data/logs")
+        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            if broker_answers(common.kafka_bootstrap):
+                self.say(f"Using the Kafka broker already running on {common.kafka_bootstrap}.")
+            else:
+                host, _, port = common.kafka_bootstrap.split(",")[0].rpartition(":")
+                self.kafka = LocalKafka(home=default_home(), host=host or "127.0.0.1", port=int(port))
+                self.kafka.start(say=self.say)
+            ensure_topics(common.kafka_bootstrap, common.topic_prefix, common.topic_partitions)
+            self._spawn("gateway", ["gateway", "--port", str(self.gateway_port)], env, logs)
+            self._spawn("worker", ["worker", "--web-port", str(self.web_port)], env, logs)
+            self._spawn("sink", ["sink"], env, logs)
+            self._wait_http("gateway", f"http://127.0.0.1:{self.gateway_port}/healthz")
+            self._wait_http("worker", f"http://127.0.0.1:{self.web_port}/api/counts", timeout=120)
+            self.say(f"Gateway, worker and sink are up (logs in {logs.resolve()}). Sending {self.calls} calls ...")
+            key = env["CALLSTREAM_API_KEYS" if env.get("CALLSTREAM_API_KEYS") else "RETELL_API_KEY"].split(",")[0]
+            res = asyncio.run(simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key,
+                                       calls=self.calls, rate=self.rate))
+            self.say(res.summary())
+            self._summary(res.statuses.get(204, 0))
+            if wait_forever:
+                self.say("Everything keeps running; press Ctrl-C to stop it all.")
+                while all(p.poll() is None for p in self.procs.values()):
+                    time.sleep(0.5)
+                dead = [n for n, p in self.procs.items() if p.poll() is not None]
+                raise CallstreamError(f"{', '.join(dead)} stopped unexpectedly; see {logs.resolve()}")
+        except KeyboardInterrupt:
+            self.say("\nStopping ...")
+        finally:
+            self.shutdown()
+
+    def _counts(self, status: Path) -> tuple[int, int]:
+        """(rows in `calls` per the sink's status file, events counted by the worker)."""
+        rows = 0
+        if status.exists():
+            rows = int(orjson.loads(status.read_bytes())["tables"].get("calls", 0))
+        try:
+            counted = sum(httpx.get(f"http://127.0.0.1:{self.web_port}/api/counts", timeout=5).json()["events"].values())
+        except (httpx.HTTPError, ValueError, KeyError):
+            counted = 0
+        return rows, counted
+
+    def _summary(self, accepted: int) -> None:
+        from warehouse.settings import SinkSettings
+        from warehouse.sink import status_path
+
+        sink = SinkSettings()
+        status = status_path(sink.warehouse)
+        # Wait until the worker and the sink have caught up (two equal readings), at most 30 s.
+        last, deadline = (-1, -1), time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = self._counts(status)
+            if now == last and now[0] > 0:
+                break
+            last = now
+            time.sleep(1.0)
+        rows, counted = last
+        self.say(
+            "\nSummary\n"
+            f"  events accepted by the gateway: {accepted}\n"
+            f"  events counted by the worker:   {counted}\n"
+            f"  rows in `calls`:                {rows} (DuckDB file: {Path(sink.warehouse).resolve()})\n"
+            f"  dashboard:                      http://127.0.0.1:{self.web_port}/\n"
+            f"  gateway:                        http://127.0.0.1:{self.gateway_port}/docs\n"
+        )
+
+    def shutdown(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say(f"{name} did not stop in time; killing it.")
+                proc.kill()
+                proc.wait()
+        if self.kafka is not None:
+            self.kafka.stop(say=self.say)

@@ -1,0 +1,15 @@
+"""Worker settings: `CALLSTREAM_*` variables (and `.env`), read once at start-up."""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+
+from callstream.settings import CommonSettings
+
+
+class WorkerSettings(CommonSettings):
+    app_id: str = "callstream-metrics"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    data_dir: str = "data/faust"
+    alert_webhook_url: SecretStr | None = None

@@ -1,0 +1,9 @@
+"""Errors of the warehouse sink."""
+
+
+class WarehouseError(Exception):
+    """Base of the sink's own errors."""
+
+
+class RecordError(WarehouseError):
+    """One Kafka record cannot be loaded (it goes to the dead-letter topic with this message)."""
