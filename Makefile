@@ -1,5 +1,5 @@
 # The README's two commands are `make up` and `make test`; everything else is for developers.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
