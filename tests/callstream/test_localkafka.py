@@ -62,3 +62,18 @@ def test_start_says_what_to_do_without_java(tmp_path: Path):
 
 def test_version_is_kafka_4():
     assert KAFKA_VERSION.split(".")[0] == "4"
+
+
+def test_start_says_what_to_do_without_maven(tmp_path: Path):
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "java").symlink_to(shutil.which("java"))
+    env = {**os.environ, "PATH": str(bin_dir), "CALLSTREAM_KAFKA_HOME": str(tmp_path / "k"),
+           "CALLSTREAM_KAFKA_CACHE": str(tmp_path / "empty-cache"),
+           "CALLSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    r = subprocess.run([sys.executable, "-m", "callstream", "kafka", "start"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "mvn" in r.stderr and "Maven" in r.stderr and "docker compose up -d kafka" in r.stderr
