@@ -62,7 +62,6 @@ class Header:
     SIGNED_AT = "signed_at"  # unix ms from x-retell-signature's v=
     SOURCE_IP = "source_ip"
     REASON = "reason"  # dead letters only: why the body could not be routed
-    CONTENT_TYPE = "content_type"
 
 
 def topic(prefix: str, suffix: str) -> str:
