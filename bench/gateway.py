@@ -196,7 +196,7 @@ def ceiling(workers: int, env: dict[str, str]) -> Server:
     s = start_server(f"ceiling-w{workers}", [
         sys.executable, "-m", "uvicorn", "bench.ceiling:app", "--host", "127.0.0.1", "--port", str(port),
         "--workers", str(workers), "--http", "httptools", "--loop", "uvloop", "--no-access-log",
-        "--log-level", "warning",
+        "--no-proxy-headers", "--log-level", "warning",
     ], {**env, "PYTHONPATH": str(REPO)}, port)
     s.wait("/", 204)
     return s

@@ -118,6 +118,9 @@ def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
         "gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
         log_level=ctx.obj["log_level"].lower(), access_log=False, http="httptools", loop="uvloop",
         timeout_graceful_shutdown=10,
+        # The gateway reads X-Forwarded-For itself, and only from CALLSTREAM_TRUSTED_PROXIES; uvicorn's
+        # own handling would trust any loopback peer and let a forged header pass the allowlist.
+        proxy_headers=False,
     )
 
 
