@@ -34,7 +34,7 @@ def make_gateway(start_service: Callable[..., Service]) -> Callable[..., Service
 def post(api_key: str) -> Callable[..., httpx.Response]:
     """POST a body to a gateway, signed with the test's key unless told otherwise."""
 
-    def send(svc: Service, body: bytes, signature: str | None | Any = ..., **headers: str) -> httpx.Response:
+    def send(svc: Service, body: bytes, signature: Any = ..., **headers: str) -> httpx.Response:
         h = {"content-type": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}}
         sig = sign(body, api_key) if signature is ... else signature
         if sig is not None:
