@@ -31,9 +31,13 @@ _WEBHOOK_BODY = {
             "required": ["event"],
             "properties": {
                 "event": {"type": "string", "enum": [*EVENT_NAMES], "description": "other values go to <prefix>.unknown"},
-                "call": {"type": "object", "properties": {"call_id": {"type": "string"}}},
-                "chat": {"type": "object", "properties": {"chat_id": {"type": "string"}}},
+                "call": {"type": "object", "required": ["call_id"],
+                         "properties": {"call_id": {"type": "string", "minLength": 1}}},
+                "chat": {"type": "object", "required": ["chat_id"],
+                         "properties": {"chat_id": {"type": "string", "minLength": 1}}},
             },
+            # call_* and transfer_* events carry `call`, chat_* events `chat`; the id keys the message.
+            "anyOf": [{"required": ["call"]}, {"required": ["chat"]}],
         }}},
     },
     "parameters": [{

@@ -131,3 +131,40 @@ def test_fuzzed_bodies_and_headers_get_exactly_the_contracts_status(fuzz_gateway
     assert sum(n for t, n in got.items() if t != "dead_letter") == tally["stored"] + 1
     assert any(m.value() == ev.body() for m in consume(f"{topics}.chat_started", expect=got["chat_started"]))
     assert tally["stored"] > 20 and tally["dead"] > 20  # the fuzz reached both sides of routing
+
+
+def test_schemathesis_cases_from_the_openapi_document(fuzz_gateway, api_key, counts):
+    """Cases generated from the gateway's own /openapi.json, as sent and re-signed with our key."""
+    import json
+
+    import schemathesis
+
+    spec = httpx.get(fuzz_gateway.url + "/openapi.json").json()
+    op = schemathesis.openapi.from_dict(spec)["/webhook"]["POST"]
+    documented = {int(s) for s in spec["paths"]["/webhook"]["post"]["responses"]}
+    tally = {"stored": 0, "dead": 0}
+    client = httpx.Client(base_url=fuzz_gateway.url, timeout=15)
+
+    @settings(max_examples=250, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                     HealthCheck.filter_too_much])
+    @given(case=op.as_strategy(), resign=st.booleans())
+    def one(case: Any, resign: bool) -> None:
+        body = json.dumps(case.body).encode()
+        sig = sign(body, api_key) if resign else str((case.headers or {}).get("x-retell-signature", ""))
+        r = client.post("/webhook", content=body, headers={"content-type": "application/json",
+                                                           "x-retell-signature": sig.strip()})
+        assert r.status_code in documented, (r.status_code, r.text)
+        want = 413 if len(body) > LIMIT else (204 if routable(body) else 422) if resign else 401
+        assert r.status_code == want, (r.status_code, r.text, body[:200])
+        if want in (204, 422):
+            tally["stored" if want == 204 else "dead"] += 1
+
+    one()
+    assert fuzz_gateway.proc.poll() is None
+    assert client.get("/healthz").status_code == 200
+    got = counts()
+    assert got["dead_letter"] == tally["dead"]
+    assert sum(n for t, n in got.items() if t != "dead_letter") == tally["stored"]
+    print(f"\nschemathesis: {tally}")
+    assert tally["stored"] > 10 and tally["dead"] > 10
