@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from confluent_kafka import Consumer, TopicPartition
@@ -90,7 +91,7 @@ def bodies(kind: str, n: int = 64) -> list[bytes]:
     if kind == "call_started":
         f = CallFactory(Fleet(seed=5), seed=5)
         # Dynamic variables and metadata as production agents carry them bring the body to ~1 KB.
-        extra = {"retell_llm_dynamic_variables": {
+        extra: dict[str, Any] = {"retell_llm_dynamic_variables": {
             "customer_name": "Jordan Miller", "customer_email": "jordan.miller@example.com",
             "account_tier": "gold", "preferred_language": "en-US", "last_visit": "2026-10-14",
             "open_balance": "142.50", "clinic_address": "1200 Market Street, Suite 400, San Francisco, CA",
@@ -265,7 +266,7 @@ def topic_total(bootstrap: str, prefix: str) -> int:
     try:
         md = c.list_topics(timeout=10)
         for t in all_topics(prefix):
-            for p in md.topics.get(t).partitions if t in md.topics else []:  # type: ignore[union-attr]
+            for p in md.topics[t].partitions if t in md.topics else []:
                 _, hi = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)
                 total += hi
     finally:

@@ -114,6 +114,14 @@ def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
     except ValidationError as exc:
         raise _settings_error(exc) from exc
     click.echo(f"gateway: http://{host}:{port}/webhook -> kafka {cfg.kafka_bootstrap} (prefix {cfg.topic_prefix})", err=True)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import atexit
+        import shutil
+        import tempfile
+
+        # One /metrics for all workers: each writes its samples here, any of them sums them.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="callstream-gateway-metrics-")
+        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
     uvicorn.run(
         "gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
         log_level=ctx.obj["log_level"].lower(), access_log=False, http="httptools", loop="uvloop",

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from callstream.catalogue import EVENT_NAMES
 from gateway.ingest import Ingest
@@ -116,7 +116,7 @@ def create_app(settings: GatewaySettings | None = None, producer: EventProducer 
     @app.get("/metrics")
     async def prometheus() -> Response:
         """Prometheus text exposition."""
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.state.events = EVENT_NAMES
     if cfg.webhook_fast_path:

@@ -39,12 +39,21 @@ class EventProducer:
             "message.timeout.ms": 60000,
             "socket.keepalive.enable": True,
             "client.id": "callstream-gateway",
+            "error_cb": self._on_error,
         }
         conf.update(extra or {})
         self._producer = Producer(conf)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-delivery-poller", daemon=True)
         self._poller.start()
+
+    @staticmethod
+    def _on_error(err: KafkaError) -> None:
+        # Broker-level trouble (all brokers down, fatal idempotence errors); requests get 503 meanwhile.
+        if err.fatal():
+            log.error("kafka producer fatal error: %s", err.str())
+        else:
+            log.warning("kafka: %s", err.str())
 
     def _poll(self) -> None:
         while not self._stop.is_set():

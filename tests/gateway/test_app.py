@@ -189,3 +189,8 @@ def test_several_worker_processes_serve_the_same_contract(topics, make_gateway, 
     assert post(gw, evs[0].body(), signature=None).status_code == 401
     assert len(consume(f"{topics}.transcript_updated", expect=3)) == 3
     assert sum(counts().values()) == len(evs)
+    # /metrics sums every worker, whichever one answers the scrape.
+    for _ in range(4):
+        m = _samples(httpx.get(gw.url + "/metrics").text)
+        assert m[("callstream_gateway_requests_total", (("event", "transcript_updated"), ("status", "204")))] == 3
+        assert m[("callstream_gateway_rejected_total", (("reason", "missing_signature"),))] == 1
