@@ -40,6 +40,8 @@ class EventProducer:
             "socket.keepalive.enable": True,
             "client.id": "callstream-gateway",
             "error_cb": self._on_error,
+            # librdkafka's own log lines through Python logging (else it writes to stderr itself).
+            "logger": logging.getLogger("gateway.kafka"),
         }
         conf.update(extra or {})
         self._producer = Producer(conf)
@@ -49,11 +51,11 @@ class EventProducer:
 
     @staticmethod
     def _on_error(err: KafkaError) -> None:
-        # Broker-level trouble (all brokers down, fatal idempotence errors); requests get 503 meanwhile.
+        # Connection failures are logged by librdkafka itself; say once when no broker is left.
         if err.fatal():
             log.error("kafka producer fatal error: %s", err.str())
-        else:
-            log.warning("kafka: %s", err.str())
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("kafka: every broker is down; deliveries get 503 until one is back")
 
     def _poll(self) -> None:
         while not self._stop.is_set():
