@@ -417,6 +417,8 @@ def main() -> None:
     finally:
         if broker is not None:
             broker.stop(say=say)
+            # Gigabytes of benchmark messages; nothing in them is worth keeping.
+            shutil.rmtree(broker.state, ignore_errors=True)
 
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = "\n".join([
