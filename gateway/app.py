@@ -16,7 +16,7 @@ from gateway.ingest import Ingest
 from gateway.metrics import GatewayMetrics
 from gateway.producer import EventProducer
 from gateway.settings import GatewaySettings
-from gateway.webhook import WebhookFastPath, WebhookHandler
+from gateway.webhook import Receive, Scope, Send, WebhookHandler, serve_asgi
 
 log = logging.getLogger("gateway")
 
@@ -48,7 +48,23 @@ _WEBHOOK_BODY = {
 }
 
 
-def create_app(settings: GatewaySettings | None = None, producer: EventProducer | None = None) -> FastAPI:
+class GatewayApp(FastAPI):
+    """FastAPI, except that POST /webhook may be answered before FastAPI's per-request machinery.
+
+    The route stays declared on the app, so /docs and the OpenAPI document describe it truly.
+    """
+
+    webhook: WebhookHandler | None = None  # set while the app runs with the fast path on
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        h = self.webhook
+        if h is not None and scope["type"] == "http" and scope["path"] == WEBHOOK_PATH and scope["method"] == "POST":
+            await serve_asgi(h, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: GatewaySettings | None = None, producer: EventProducer | None = None) -> GatewayApp:
     """Build the gateway app; with no arguments it reads `CALLSTREAM_*` (used by `--workers`)."""
     cfg = settings or GatewaySettings()
     metrics = GatewayMetrics()
@@ -58,6 +74,8 @@ def create_app(settings: GatewaySettings | None = None, producer: EventProducer 
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         prod = producer or EventProducer(cfg.kafka_bootstrap, timeout_s=cfg.publish_timeout_s)
         state["webhook"] = WebhookHandler(Ingest(cfg, prod, metrics), metrics, cfg.max_body_bytes, cfg.retry_after_s)
+        if cfg.webhook_fast_path:
+            app.webhook = state["webhook"]
         if cfg.allow_unsigned and not cfg.keys():
             log.warning("CALLSTREAM_ALLOW_UNSIGNED=true and no API key: signatures are NOT checked")
         log.info(
@@ -68,11 +86,12 @@ def create_app(settings: GatewaySettings | None = None, producer: EventProducer 
         try:
             yield
         finally:
+            app.webhook = None
             state.clear()
             if producer is None:
                 await asyncio.to_thread(prod.close)
 
-    app = FastAPI(
+    app = GatewayApp(
         title="callstream gateway",
         version="0.1.0",
         description="Receives Retell AI / UponAI webhooks and publishes them to Kafka before answering.",
@@ -119,6 +138,4 @@ def create_app(settings: GatewaySettings | None = None, producer: EventProducer 
         return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.state.events = EVENT_NAMES
-    if cfg.webhook_fast_path:
-        app.add_middleware(WebhookFastPath, path=WEBHOOK_PATH, handler=lambda: state.get("webhook"))
     return app

@@ -1,7 +1,7 @@
 """POST /webhook as one function of (peer, headers, body chunks) -> outcome, shared by both edges.
 
-The FastAPI route (documented in OpenAPI) and the lean ASGI path (`WebhookFastPath`, which serves
-the same URL without FastAPI's per-request machinery) both call `WebhookHandler.handle`, so the
+The FastAPI route (documented in OpenAPI) and the lean ASGI path (`serve_asgi`, which serves the
+same URL without FastAPI's per-request machinery) both call `WebhookHandler.handle`, so the
 statuses, metrics and logs are the same whichever edge answered.
 """
 
@@ -106,50 +106,39 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class WebhookFastPath:
-    """ASGI middleware that answers POST /webhook itself and passes everything else to FastAPI.
+async def serve_asgi(h: WebhookHandler, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer POST /webhook straight from ASGI messages (the fast path; see `gateway.app.GatewayApp`).
 
-    Same `WebhookHandler` as the FastAPI route; it only skips request/response object building,
-    dependency resolution and routing, which cost more than the rest of a delivery (see bench/).
+    Same `WebhookHandler` as the FastAPI route; it only skips FastAPI's per-request machinery
+    (middleware stack, telemetry checks, routing, request and response objects), which cost more
+    than verifying and routing a delivery (bench/RESULTS.md).
     """
+    raw: list[tuple[bytes, bytes]] = scope["headers"]
 
-    def __init__(self, app: ASGIApp, path: str, handler: Callable[[], WebhookHandler | None]) -> None:
-        self.app = app
-        self.path = path
-        self.handler = handler
+    def header(name: str) -> str | None:
+        b = name.encode()
+        for k, v in raw:
+            if k == b:
+                return v.decode("latin-1")
+        return None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        h = self.handler() if scope["type"] == "http" and scope["path"] == self.path else None
-        if h is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        raw: list[tuple[bytes, bytes]] = scope["headers"]
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            if body:
+                yield body
+            if not msg.get("more_body", False):
+                return
 
-        def header(name: str) -> str | None:
-            b = name.encode()
-            for k, v in raw:
-                if k == b:
-                    return v.decode("latin-1")
-            return None
-
-        async def chunks() -> AsyncIterator[bytes]:
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    return
-                body = msg.get("body", b"")
-                if body:
-                    yield body
-                if not msg.get("more_body", False):
-                    return
-
-        client = scope.get("client")
-        out = await h.handle(client[0] if client else None, header, chunks())
-        headers = [(k.encode(), v.encode()) for k, v in out.headers]
-        if out.status != 204:  # RFC 9110: no Content-Length on a 204
-            headers.append((b"content-length", str(len(out.body)).encode()))
-        await send({"type": "http.response.start", "status": out.status, "headers": headers})
-        await send({"type": "http.response.body", "body": out.body})
+    client = scope.get("client")
+    out = await h.handle(client[0] if client else None, header, chunks())
+    headers = [(k.encode(), v.encode()) for k, v in out.headers]
+    if out.status != 204:  # RFC 9110: no Content-Length on a 204
+        headers.append((b"content-length", str(len(out.body)).encode()))
+    await send({"type": "http.response.start", "status": out.status, "headers": headers})
+    await send({"type": "http.response.body", "body": out.body})
