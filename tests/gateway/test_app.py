@@ -194,3 +194,19 @@ def test_several_worker_processes_serve_the_same_contract(topics, make_gateway, 
         m = _samples(httpx.get(gw.url + "/metrics").text)
         assert m[("callstream_gateway_requests_total", (("event", "transcript_updated"), ("status", "204")))] == 3
         assert m[("callstream_gateway_rejected_total", (("reason", "missing_signature"),))] == 1
+
+
+def test_the_fastapi_route_and_the_fast_path_answer_alike(topics, make_gateway, post, counts, api_key):
+    ev = CallFactory(Fleet(seed=2), seed=2).events("chat")[0]
+    big = b'{"event":"chat_started","pad":"' + b"x" * 3000 + b'"}'
+    answers = {}
+    for fast in ("true", "false"):
+        gw = make_gateway(CALLSTREAM_WEBHOOK_FAST_PATH=fast, CALLSTREAM_MAX_BODY_BYTES="2048")
+        got = []
+        for body, sig in [(ev.body(), ...), (ev.body(), None), (b'{"event":"chat_ended"}', ...), (big, ...)]:
+            r = post(gw, body, signature=sig)
+            got.append((r.status_code, r.content, r.headers.get("content-type")))
+        answers[fast] = got
+    assert [s for s, _, _ in answers["true"]] == [204, 401, 422, 413]
+    assert answers["true"] == answers["false"]
+    assert counts()["chat_started"] == 2 and counts()["dead_letter"] == 2
