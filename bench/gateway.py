@@ -315,6 +315,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15, help="length of each wrk run (default 15)")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leaves a core to the server)")
+    ap.add_argument("--warmup", type=float, default=10, help="seconds of unreported load first (default 10)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="wrk runs per cell, the best one reported (default 1; 2-3 on a shared machine)")
     ap.add_argument("--workers", default="1,2", help="gateway/ceiling process counts to compare (default 1,2)")
@@ -346,6 +347,20 @@ def main() -> None:
     say(f"bodies: call_started ~{sizes['call_started']:.1f} KB, call_analyzed ~{sizes['call_analyzed']:.1f} KB; "
         f"broker {bootstrap} (acks=all), prefix {prefix}")
 
+    if args.warmup > 0:
+        # A fresh broker's JVM is still compiling and electing: without this the first cells carry
+        # hundreds of milliseconds of tail that has nothing to do with the gateway.
+        say(f"warm-up: {args.warmup:.0f}s of load through a gateway into the broker (not reported) ...")
+        gw = gateway(1, env)
+        try:
+            for ps in payloads.values():
+                run_wrk(wrk, gw.url + "/webhook", write_requests(OUT / "req.tsv", ps, key), args.warmup / 2,
+                        args.connections, args.threads)
+        finally:
+            gw.stop()
+        warm = topic_total(bootstrap, prefix)
+    else:
+        warm = 0
     rows: list[str] = []
     notes: list[str] = []
     acked = 0
@@ -422,7 +437,7 @@ def main() -> None:
             finally:
                 gw.stop()
         time.sleep(1)
-        on_topics = topic_total(bootstrap, prefix)
+        on_topics = topic_total(bootstrap, prefix) - warm
     finally:
         if broker is not None:
             broker.stop(say=say)
