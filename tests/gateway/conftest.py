@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -17,17 +18,25 @@ from tests.conftest import Service
 
 
 @pytest.fixture
-def make_gateway(start_service: Callable[..., Service]) -> Callable[..., Service]:
-    """Start `callstream gateway` with extra CALLSTREAM_* settings; wait until it answers /healthz."""
+def make_gateway(start_service: Callable[..., Service]) -> Iterator[Callable[..., Service]]:
+    """Start `callstream gateway` with extra CALLSTREAM_* settings; wait until it answers /healthz.
+
+    Each is stopped with SIGTERM afterwards: with --workers, a SIGKILLed supervisor would leave
+    its worker processes running.
+    """
+    started: list[Service] = []
 
     def start(*args: str, gateway_args: tuple[str, ...] = (), **env: str) -> Service:
         port = free_port()
         svc = start_service("gateway", *args, "gateway", "--port", str(port), *gateway_args,
                             url=f"http://127.0.0.1:{port}", env=env)
+        started.append(svc)
         svc.wait_http("/healthz")
         return svc
 
-    return start
+    yield start
+    for svc in started:
+        svc.stop(signal.SIGTERM, timeout=20)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from pathlib import Path
 
 import httpx
 import orjson
@@ -194,6 +196,14 @@ def test_several_worker_processes_serve_the_same_contract(topics, make_gateway, 
         m = _samples(httpx.get(gw.url + "/metrics").text)
         assert m[("callstream_gateway_requests_total", (("event", "transcript_updated"), ("status", "204")))] == 3
         assert m[("callstream_gateway_rejected_total", (("reason", "missing_signature"),))] == 1
+    # SIGTERM stops the supervisor and every worker with it.
+    workers = [int(p) for p in Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()]
+    assert workers
+    assert gw.stop() == 0
+    deadline = time.monotonic() + 15  # multiprocessing's resource tracker leaves a moment after its parent
+    while [p for p in workers if Path(f"/proc/{p}").exists()] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()]
 
 
 def test_the_fastapi_route_and_the_fast_path_answer_alike(topics, make_gateway, post, counts, api_key):
