@@ -37,7 +37,7 @@ lint: $(STAMP)
 bench: bench-gateway bench-streams bench-warehouse
 
 bench-gateway: $(STAMP)
-	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.gateway $(BENCH_GATEWAY_ARGS)
 
 bench-streams: $(STAMP)
 	$(BIN)/python -m bench.streams

@@ -114,10 +114,21 @@ def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
     except ValidationError as exc:
         raise _settings_error(exc) from exc
     click.echo(f"gateway: http://{host}:{port}/webhook -> kafka {cfg.kafka_bootstrap} (prefix {cfg.topic_prefix})", err=True)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import atexit
+        import shutil
+        import tempfile
+
+        # One /metrics for all workers: each writes its samples here, any of them sums them.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="callstream-gateway-metrics-")
+        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
     uvicorn.run(
         "gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
         log_level=ctx.obj["log_level"].lower(), access_log=False, http="httptools", loop="uvloop",
         timeout_graceful_shutdown=10,
+        # The gateway reads X-Forwarded-For itself, and only from CALLSTREAM_TRUSTED_PROXIES; uvicorn's
+        # own handling would trust any loopback peer and let a forged header pass the allowlist.
+        proxy_headers=False,
     )
 
 

@@ -7,6 +7,8 @@ class GatewayError(Exception):
     """Base of the gateway's own errors."""
 
     reason = "error"
+    # The event type, when it was known before things went wrong (for metrics and logs).
+    event: str | None = None
 
 
 class SignatureError(GatewayError):

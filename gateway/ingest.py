@@ -7,7 +7,7 @@ import logging
 import time
 
 from callstream.catalogue import DEAD_LETTER, Header, topic
-from gateway.errors import PayloadError, SourceNotAllowed
+from gateway.errors import PayloadError, PublishError, SourceNotAllowed
 from gateway.metrics import GatewayMetrics
 from gateway.producer import EventProducer, Headers
 from gateway.routing import Route, route
@@ -72,7 +72,12 @@ class Ingest:
                 [(Header.EVENT, b""), (Header.REASON, str(exc).encode()), *headers],
             )
             raise
-        await self._publish(r.topic, r.key, body, [(Header.EVENT, r.event.encode()), *headers])
+        try:
+            await self._publish(r.topic, r.key, body, [(Header.EVENT, r.event.encode()), *headers])
+        except PublishError as exc:
+            exc.event = r.event if r.known else "unknown"
+            raise
+        log.debug("accepted event=%s key=%s topic=%s bytes=%d", r.event, r.key, r.topic, len(body))
         return r
 
     async def _publish(self, topic_name: str, key: str | None, body: bytes, headers: Headers) -> None:

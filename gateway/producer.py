@@ -39,12 +39,23 @@ class EventProducer:
             "message.timeout.ms": 60000,
             "socket.keepalive.enable": True,
             "client.id": "callstream-gateway",
+            "error_cb": self._on_error,
+            # librdkafka's own log lines through Python logging (else it writes to stderr itself).
+            "logger": logging.getLogger("gateway.kafka"),
         }
         conf.update(extra or {})
         self._producer = Producer(conf)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-delivery-poller", daemon=True)
         self._poller.start()
+
+    @staticmethod
+    def _on_error(err: KafkaError) -> None:
+        # Connection failures are logged by librdkafka itself; say once when no broker is left.
+        if err.fatal():
+            log.error("kafka producer fatal error: %s", err.str())
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("kafka: every broker is down; deliveries get 503 until one is back")
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -73,10 +84,16 @@ class EventProducer:
             raise PublishError("the producer queue is full; Kafka is not keeping up") from exc
         except KafkaException as exc:
             raise PublishError(f"cannot produce to {topic}: {exc}") from exc
+        # A timer that fails the future is far cheaper per message than asyncio.wait_for.
+        timer = loop.call_later(self.timeout_s, self._expire, fut)
         try:
-            await asyncio.wait_for(fut, self.timeout_s)
-        except TimeoutError as exc:
-            raise PublishTimeout(f"Kafka did not acknowledge within {self.timeout_s:.1f}s") from exc
+            await fut
+        finally:
+            timer.cancel()
+
+    def _expire(self, fut: asyncio.Future[None]) -> None:
+        if not fut.done():
+            fut.set_exception(PublishTimeout(f"Kafka did not acknowledge within {self.timeout_s:.1f}s"))
 
     def ready(self, timeout: float = 2.0) -> bool:
         """True when a broker answers a metadata request (for /readyz)."""

@@ -23,6 +23,8 @@ class GatewaySettings(CommonSettings):
     allowed_sources: str = ""
     # Only these peers' X-Forwarded-For is believed.
     trusted_proxies: str = ""
+    # Serve POST /webhook from a lean ASGI path (same logic, same OpenAPI); false: the FastAPI route.
+    webhook_fast_path: bool = True
 
     @model_validator(mode="after")
     def _need_a_key(self) -> GatewaySettings:

@@ -54,9 +54,11 @@ def verify(
             f"(tolerance {tolerance_ms // 1000}s)"
         )
     message = body + ts_bytes
+    want = bytes.fromhex(digest.decode())
     ok = False
     for key in keys:
-        ok |= hmac.compare_digest(hmac.new(key, message, hashlib.sha256).hexdigest().encode(), digest)
+        # hmac.digest is OpenSSL's one-shot HMAC: the same value as hmac.new(...), at a fraction of the cost.
+        ok |= hmac.compare_digest(hmac.digest(key, message, "sha256"), want)
     if not ok:
         raise SignatureError("x-retell-signature does not match the body with any configured API key")
     return ts

@@ -1,0 +1,483 @@
+"""`make bench-gateway`: signed deliveries through the real gateway into a real broker (acks=all).
+
+For each process count (1, and `--workers 2`), the same wrk load against
+  - the ceiling: `bench/ceiling.py`, a bare ASGI app on the same uvicorn settings that only reads
+    the body and answers 204, and
+  - the gateway: `callstream gateway`, verifying each signature and waiting for Kafka's ack,
+with a ~1 KB `call_started` body and a ~30 KB `call_analyzed` body; then p50/p99 at a fixed offered
+rate (open loop, `bench/openloop.py`), and the gateway's RSS over a soak run of simulator traffic.
+Every 204 is checked against the topics' offsets afterwards. Results: a markdown table on stdout and
+the "Gateway" section of bench/RESULTS.md.
+
+    python -m bench.gateway                 # the full run (5-minute soak)
+    python -m bench.gateway --soak 30       # a short run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from confluent_kafka import Consumer, TopicPartition
+
+from bench.openloop import run as open_loop
+from callstream.catalogue import all_topics
+from callstream.fakecalls import CallFactory, Event, Fleet
+from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+from callstream.simulate import schedule
+from callstream.topics import ensure_topics
+from gateway.signature import sign
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out" / "gateway"
+RESULTS = REPO / "bench" / "RESULTS.md"
+WRK_LUA = """-- Cycles pre-signed requests: one line per request, "<x-retell-signature>\\t<body>".
+local reqs = {}
+for line in io.lines(os.getenv("BENCH_REQUESTS")) do
+  local tab = line:find("\\t", 1, true)
+  reqs[#reqs + 1] = wrk.format("POST", nil, {
+    ["Content-Type"] = "application/json",
+    ["x-retell-signature"] = line:sub(1, tab - 1),
+  }, line:sub(tab + 1))
+end
+local i = 0
+request = function()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+"""
+
+
+def say(msg: str) -> None:
+    print(f"[bench-gateway] {msg}", file=sys.stderr, flush=True)
+
+
+# -- tools --------------------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk:
+        say(f"load generator: {wrk}")
+        return wrk
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        say("wrk is not installed; installing Debian's wrk with apt-get (once) ...")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, stdout=subprocess.DEVNULL)
+        wrk = shutil.which("wrk")
+        if wrk:
+            return wrk
+    sys.exit("bench-gateway needs wrk: `sudo apt-get install wrk` (Debian/Ubuntu) or `brew install wrk`.")
+
+
+# -- bodies -------------------------------------------------------------------------------------
+
+
+def bodies(kind: str, n: int = 64) -> list[bytes]:
+    """`n` distinct bodies: call_started of ~1 KB or call_analyzed of ~30 KB."""
+    if kind == "call_started":
+        f = CallFactory(Fleet(seed=5), seed=5)
+        # Dynamic variables and metadata as production agents carry them bring the body to ~1 KB.
+        extra: dict[str, Any] = {"retell_llm_dynamic_variables": {
+            "customer_name": "Jordan Miller", "customer_email": "jordan.miller@example.com",
+            "account_tier": "gold", "preferred_language": "en-US", "last_visit": "2026-10-14",
+            "open_balance": "142.50", "clinic_address": "1200 Market Street, Suite 400, San Francisco, CA",
+            "notes": "Prefers afternoon appointments; asked about whitening last time.",
+        }, "metadata": {"campaign": "reminders", "crm_contact_id": "0035e00001ABCDEFG", "batch": "2026-11-23-am"}}
+        return [f.events("completed", **extra)[0].body() for _ in range(n)]
+    f = CallFactory(Fleet(seed=5), seed=5, turns=(20, 24))
+    return [f.events("completed")[-1].body() for _ in range(n)]
+
+
+def mixed_events(n: int, seed: int = 9) -> list[Event]:
+    """Simulator traffic: every event type in its realistic mix."""
+    evs = schedule(CallFactory(Fleet(seed=seed), seed=seed), calls=10**9)
+    return [next(evs) for _ in range(n)]
+
+
+def write_requests(path: Path, payloads: list[bytes], key: str) -> Path:
+    path.write_bytes(b"".join(sign(b, key).encode() + b"\t" + b + b"\n" for b in payloads))
+    return path
+
+
+def http_requests(host: str, port: int, payloads: list[bytes], key: str) -> list[bytes]:
+    """Complete HTTP/1.1 requests, signed now (signatures are valid for 5 minutes)."""
+    out = []
+    for b in payloads:
+        head = (f"POST /webhook HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                f"x-retell-signature: {sign(b, key)}\r\nContent-Length: {len(b)}\r\n\r\n")
+        out.append(head.encode() + b)
+    return out
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait(self, path: str, want: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"{self.name} exited ({self.proc.returncode}); see {self.log}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == want:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        sys.exit(f"{self.name} did not answer {path} with {want} in {timeout:.0f}s; see {self.log}")
+
+    def rss_mb(self) -> float:
+        """RSS of the server and its worker processes."""
+        return sum(_rss_kb(p) for p in _tree(self.proc.pid)) / 1024
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for k in kids:
+        out += _tree(int(k))
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def start_server(name: str, cmd: list[str], env: dict[str, str], port: int) -> Server:
+    log = OUT / f"{name}.log"
+    out = open(log, "wb")  # noqa: SIM115 (the child keeps it)
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=OUT)
+    return Server(name, proc, port, log)
+
+
+def ceiling(workers: int, env: dict[str, str]) -> Server:
+    port = free_port()
+    s = start_server(f"ceiling-w{workers}", [
+        sys.executable, "-m", "uvicorn", "bench.ceiling:app", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers), "--http", "httptools", "--loop", "uvloop", "--no-access-log",
+        "--no-proxy-headers", "--log-level", "warning",
+    ], {**env, "PYTHONPATH": str(REPO)}, port)
+    s.wait("/", 204)
+    return s
+
+
+def gateway(workers: int, env: dict[str, str], fast_path: bool = True) -> Server:
+    port = free_port()
+    s = start_server(
+        f"gateway-w{workers}{'' if fast_path else '-fastapi'}",
+        [sys.executable, "-m", "callstream", "--log-level", "WARNING", "gateway", "--port", str(port),
+         "--workers", str(workers)],
+        {**env, "CALLSTREAM_WEBHOOK_FAST_PATH": str(fast_path).lower()}, port,
+    )
+    s.wait("/readyz", 200)
+    return s
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    errors: int
+
+
+_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    return float(m.group(1)) * _UNIT[m.group(2)] if m else float("nan")
+
+
+def best_wrk(repeat: int, *args: Any) -> WrkResult:
+    """The best of `repeat` wrk runs: on a shared machine the best run is the one least disturbed."""
+    return max((run_wrk(*args) for _ in range(max(1, repeat))), key=lambda r: r.rps)
+
+
+def run_wrk(wrk: str, url: str, requests: Path, seconds: float, connections: int, threads: int) -> WrkResult:
+    script = OUT / "signed.lua"
+    script.write_text(WRK_LUA)
+    proc = subprocess.run(
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds:.0f}s", "--latency", "-s", str(script), url],
+        env={**os.environ, "BENCH_REQUESTS": str(requests)}, capture_output=True, text=True, check=False,
+    )
+    text = proc.stdout
+    if proc.returncode != 0 or "Requests/sec" not in text:
+        sys.exit(f"wrk failed ({proc.returncode}):\n{text}\n{proc.stderr}")
+    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", text, re.M))
+    done = re.search(r"(\d+) requests in", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return WrkResult(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(pct.get("50", "")), p99_ms=_ms(pct.get("99", "")),
+        requests=int(done.group(1)) if done else 0,
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+        errors=sum(int(x) for x in errs.groups()) if errs else 0,
+    )
+
+
+def topic_total(bootstrap: str, prefix: str) -> int:
+    """Messages on every topic of `prefix` (high watermarks; the topics start empty)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}"})
+    total = 0
+    try:
+        md = c.list_topics(timeout=10)
+        for t in all_topics(prefix):
+            for p in md.topics[t].partitions if t in md.topics else []:
+                _, hi = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)
+                total += hi
+    finally:
+        c.close()
+    return total
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {ram:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def write_section(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = old.find("\n## Gateway")
+    if start == -1:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        nxt = old.find("\n## ", start + 1)
+        new = old[:start].rstrip("\n") + "\n\n" + text + (old[nxt:] if nxt != -1 else "")
+    RESULTS.write_text(new.rstrip("\n") + "\n")
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=15, help="length of each wrk run (default 15)")
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leaves a core to the server)")
+    ap.add_argument("--warmup", type=float, default=10, help="seconds of unreported load first (default 10)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="wrk runs per cell, the best one reported (default 1; 2-3 on a shared machine)")
+    ap.add_argument("--workers", default="1,2", help="gateway/ceiling process counts to compare (default 1,2)")
+    ap.add_argument("--rate", type=float, default=1000, help="offered rate for the fixed-rate latency run (default 1000)")
+    ap.add_argument("--rate-seconds", type=float, default=20, help="length of the fixed-rate run (default 20)")
+    ap.add_argument("--soak", type=float, default=300, help="soak run in seconds for the RSS figures (default 300; 0 skips)")
+    ap.add_argument("--soak-rate", type=float, default=500, help="offered rate of simulator traffic in the soak (default 500)")
+    ap.add_argument("--compare-fastapi", action="store_true",
+                    help="also run the gateway with POST /webhook served by the FastAPI route (1 process)")
+    ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
+    args = ap.parse_args()
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    wrk = ensure_wrk()
+    broker: LocalKafka | None = None
+    bootstrap = os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        broker = LocalKafka(home=OUT / "kafka", port=free_port(), controller_port=free_port(), heap="1g",
+                            jars=REPO / ".kafka" / "jars" / KAFKA_VERSION)
+        broker.start(wait=120, say=say)
+        bootstrap = broker.bootstrap
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    ensure_topics(bootstrap, prefix, partitions=3)
+    key = f"bench_{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "RETELL_"))}
+    env.update(CALLSTREAM_KAFKA_BOOTSTRAP=bootstrap, CALLSTREAM_TOPIC_PREFIX=prefix, CALLSTREAM_API_KEYS=key)
+    payloads = {"call_started": bodies("call_started"), "call_analyzed": bodies("call_analyzed")}
+    sizes = {k: sum(map(len, v)) / len(v) / 1024 for k, v in payloads.items()}
+    say(f"bodies: call_started ~{sizes['call_started']:.1f} KB, call_analyzed ~{sizes['call_analyzed']:.1f} KB; "
+        f"broker {bootstrap} (acks=all), prefix {prefix}")
+
+    if args.warmup > 0:
+        # A fresh broker's JVM is still compiling and electing: without this the first cells carry
+        # hundreds of milliseconds of tail that has nothing to do with the gateway.
+        say(f"warm-up: {args.warmup:.0f}s of load through a gateway into the broker (not reported) ...")
+        gw = gateway(1, env)
+        try:
+            for ps in payloads.values():
+                run_wrk(wrk, gw.url + "/webhook", write_requests(OUT / "req.tsv", ps, key), args.warmup / 2,
+                        args.connections, args.threads)
+        finally:
+            gw.stop()
+        warm = topic_total(bootstrap, prefix)
+    else:
+        warm = 0
+    rows: list[str] = []
+    notes: list[str] = []
+    acked = 0
+    try:
+        for workers in [int(w) for w in args.workers.split(",")]:
+            ceil: dict[str, WrkResult] = {}
+            srv = ceiling(workers, env)
+            try:
+                for kind, ps in payloads.items():
+                    say(f"ceiling, {workers} process(es), {kind}: wrk {args.seconds:.0f}s ...")
+                    ceil[kind] = best_wrk(args.repeat, wrk, srv.url + "/webhook",
+                                          write_requests(OUT / "req.tsv", ps, key), args.seconds, args.connections,
+                                          args.threads)
+            finally:
+                srv.stop()
+            variants = [True, False] if args.compare_fastapi and workers == 1 else [True]
+            for fast in variants:
+                gw = gateway(workers, env, fast_path=fast)
+                label = "gateway" if fast else "gateway (FastAPI route)"
+                try:
+                    for kind, ps in payloads.items():
+                        say(f"{label}, {workers} process(es), {kind}: wrk {args.seconds:.0f}s ...")
+                        runs = [run_wrk(wrk, gw.url + "/webhook", write_requests(OUT / "req.tsv", ps, key),
+                                        args.seconds, args.connections, args.threads) for _ in range(max(1, args.repeat))]
+                        acked += sum(x.requests - x.non_2xx for x in runs)
+                        r = max(runs, key=lambda x: x.rps)
+                        c = ceil[kind]
+                        rows.append(
+                            f"| {kind} ~{sizes[kind]:.0f} KB | {workers} | {label} | {r.rps:,.0f} | {r.p50_ms:.1f} | "
+                            f"{r.p99_ms:.1f} | {c.rps:,.0f} | {c.p50_ms:.1f} | {c.p99_ms:.1f} | "
+                            f"{100 * r.rps / c.rps:.0f}% | {r.non_2xx + r.errors} |"
+                        )
+                    if fast:
+                        say(f"gateway, {workers} process(es): {args.rate:.0f} req/s offered for "
+                            f"{args.rate_seconds:.0f}s (open loop, call_analyzed) ...")
+                        ol = asyncio.run(open_loop(
+                            "127.0.0.1", gw.port, http_requests("127.0.0.1", gw.port, payloads["call_analyzed"], key),
+                            args.rate, args.rate_seconds))
+                        acked += ol.statuses.get(204, 0)
+                        notes.append(
+                            f"| {workers} | {args.rate:,.0f} | {ol.achieved:,.0f} | {ol.percentile(0.5):.1f} | "
+                            f"{ol.percentile(0.99):.1f} | {ol.percentile(0.999):.1f} | "
+                            f"{sum(n for s, n in ol.statuses.items() if s != 204)} |"
+                        )
+                finally:
+                    gw.stop()
+        soak_line = "skipped (--soak 0)"
+        if args.soak > 0:
+            gw = gateway(1, env)
+            try:
+                evs = mixed_events(4000)
+                time.sleep(1)
+                rss0 = gw.rss_mb()
+                say(f"soak: simulator traffic at {args.soak_rate:.0f} req/s for {args.soak:.0f}s; RSS at start "
+                    f"{rss0:.0f} MB ...")
+                series = [rss0]
+                statuses: dict[int, int] = {}
+                left = args.soak
+                while left > 0:
+                    seg = min(60.0, left)
+                    # Re-signed per minute: a signature is only valid for five.
+                    ol = asyncio.run(open_loop(
+                        "127.0.0.1", gw.port, http_requests("127.0.0.1", gw.port, [e.body() for e in evs], key),
+                        args.soak_rate, seg))
+                    for s, n in ol.statuses.items():
+                        statuses[s] = statuses.get(s, 0) + n
+                    left -= seg
+                    series.append(gw.rss_mb())
+                    say(f"soak: {args.soak - left:.0f}s, RSS {series[-1]:.0f} MB, p99 {ol.percentile(0.99):.1f} ms")
+                acked += statuses.get(204, 0)
+                soak_line = (f"{args.soak:.0f} s of simulator traffic at {args.soak_rate:.0f} req/s, 1 process: RSS "
+                             f"{series[0]:.0f} MB at start, {series[-1]:.0f} MB at the end (per minute: "
+                             f"{', '.join(f'{x:.0f}' for x in series)} MB); statuses {dict(sorted(statuses.items()))}")
+            finally:
+                gw.stop()
+        time.sleep(1)
+        on_topics = topic_total(bootstrap, prefix) - warm
+    finally:
+        if broker is not None:
+            broker.stop(say=say)
+            # Gigabytes of benchmark messages; nothing in them is worth keeping.
+            shutil.rmtree(broker.state, ignore_errors=True)
+
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    section = "\n".join([
+        "## Gateway",
+        "",
+        f"`make bench-gateway` on {when}; {machine()}. Load generator on the same machine (wrk, "
+        f"{args.threads} thread, {args.connections} connections, {args.seconds:.0f} s per run, best of "
+        f"{args.repeat}); one local "
+        f"Kafka {KAFKA_VERSION} broker, acks=all, idempotent producer, lz4. Ceiling: `bench/ceiling.py`, an ASGI app "
+        "that reads the body and answers 204, on the same uvicorn settings (httptools, uvloop, no access log).",
+        "",
+        "| body | processes | server | req/s | p50 ms | p99 ms | ceiling req/s | ceiling p50 | ceiling p99 | of ceiling | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        "Fixed offered rate, open loop (latency from each request's due time), ~30 KB call_analyzed:",
+        "",
+        "| processes | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | non-204 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *notes,
+        "",
+        f"Memory: {soak_line}.",
+        "",
+        f"Every 204 is on a topic: {acked:,} deliveries answered 204, {on_topics:,} messages on the topics "
+        f"({'OK' if on_topics >= acked else 'MISSING MESSAGES'}; more on the topics is possible: a request "
+        "in flight when wrk stops is stored without wrk counting it).",
+        "",
+    ])
+    print(section)
+    if not args.no_write:
+        write_section(section)
+        say(f"wrote the Gateway section of {RESULTS.relative_to(REPO)}")
+    if on_topics < acked:
+        sys.exit("some deliveries answered 204 are not on their topics")
+
+
+if __name__ == "__main__":
+    main()

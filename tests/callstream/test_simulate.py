@@ -1,0 +1,110 @@
+"""`callstream simulate`: signed exactly as retell-sdk verifies, the sender's habits, a true summary."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from retell.lib import webhook_auth
+
+from callstream.simulate import SimulationResult, run
+from tests.gateway.conftest import topic_counts
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the simulator opens dozens of connections at once
+    daemon_threads = True
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the simulator expects
+    seen: list[tuple[bytes, str]]
+    answer = 204
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.seen.append((body, self.headers.get("x-retell-signature", "")))
+        self.send_response(self.answer)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[tuple[bytes, str]], type[_Recorder]]]:
+    """A real HTTP server on loopback that keeps what it receives."""
+    seen: list[tuple[bytes, str]] = []
+    handler = type("Rec", (_Recorder,), {"seen": seen, "answer": 204})
+    srv = _Server(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/webhook", seen, handler
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_retell_sdk_verifies_every_delivery_the_simulator_sends(recorder) -> None:
+    url, seen, _ = recorder
+    res = asyncio.run(run(url, "key_sim", calls=25, rate=0, duplicate_rate=0.2, seed=3))
+    assert len(seen) == res.sent == res.events + res.duplicates
+    assert res.duplicates > 0
+    for body, sig in seen:
+        assert webhook_auth.verify(body.decode(), "key_sim", sig) is True
+        assert webhook_auth.verify(body.decode(), "key_other", sig) is False
+    # A duplicate delivery is the same body again (Retell sends no event id).
+    assert sum(n - 1 for n in Counter(b for b, _ in seen).values()) == res.duplicates
+    assert res.statuses == Counter({204: res.sent})
+    assert {"call_started", "call_analyzed"} <= set(res.by_event)
+
+
+def test_refusals_are_final_and_5xx_is_retried(recorder) -> None:
+    url, seen, handler = recorder
+    handler.answer = 503
+    res = asyncio.run(run(url, "k", calls=1, rate=0, duplicate_rate=0, seed=1, events=None, concurrency=4))
+    assert res.failed == res.events and res.retries == 3 * res.events
+    assert len(seen) == 4 * res.events  # first try and three retries, like Retell
+    handler.answer = 401
+    seen.clear()
+    res = asyncio.run(run(url, "k", calls=1, rate=0, duplicate_rate=0, seed=1))
+    assert len(seen) == res.events and res.retries == 0
+
+
+def test_duration_and_rate_bound_the_run(recorder) -> None:
+    url, seen, _ = recorder
+    res = asyncio.run(run(url, "k", duration=1.5, rate=40, duplicate_rate=0, seed=2))
+    assert 40 <= res.events <= 62
+    assert len(seen) == res.sent
+
+
+def test_summary_names_statuses_and_percentiles() -> None:
+    res = SimulationResult(sent=4, events=4, latencies_ms=[1.0, 2.0, 3.0, 100.0], seconds=1.0)
+    res.statuses.update({204: 3, 503: 1})
+    s = res.summary()
+    assert "204: 3, 503: 1" in s and "p50 3.0 ms" in s and "p99 100.0 ms" in s
+
+
+@pytest.mark.kafka
+def test_simulate_command_against_a_real_gateway(topics, gateway_service, service_env, kafka_bootstrap, prefix):
+    proc = subprocess.run(
+        [sys.executable, "-m", "callstream", "simulate", "--url", gateway_service.url + "/webhook",
+         "--calls", "40", "--rate", "400", "--duplicates", "0.1", "--seed", "5"],
+        env=service_env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "simulate:" in proc.stderr and "req" in proc.stderr  # the progress bar
+    m = re.search(r"sent (\d+) deliveries .*by status: 204: (\d+); never acknowledged: 0.*p50 [\d.]+ ms, "
+                  r"p95 [\d.]+ ms, p99 [\d.]+ ms", proc.stdout, re.S)
+    assert m, proc.stdout
+    sent, ok = int(m.group(1)), int(m.group(2))
+    assert sent == ok
+    # Every 204 is one message: duplicates included, nothing else.
+    assert sum(topic_counts(kafka_bootstrap, prefix).values()) == ok

@@ -1,0 +1,74 @@
+"""Gateway fixtures: gateways as real processes with their own settings, and signed requests."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from callstream.catalogue import all_topics
+from callstream.localkafka import free_port
+from gateway.signature import sign
+from tests.conftest import Service
+
+
+@pytest.fixture
+def make_gateway(start_service: Callable[..., Service]) -> Iterator[Callable[..., Service]]:
+    """Start `callstream gateway` with extra CALLSTREAM_* settings; wait until it answers /healthz.
+
+    Each is stopped with SIGTERM afterwards: with --workers, a SIGKILLed supervisor would leave
+    its worker processes running.
+    """
+    started: list[Service] = []
+
+    def start(*args: str, gateway_args: tuple[str, ...] = (), **env: str) -> Service:
+        port = free_port()
+        svc = start_service("gateway", *args, "gateway", "--port", str(port), *gateway_args,
+                            url=f"http://127.0.0.1:{port}", env=env)
+        started.append(svc)
+        svc.wait_http("/healthz")
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop(signal.SIGTERM, timeout=20)
+
+
+@pytest.fixture
+def post(api_key: str) -> Callable[..., httpx.Response]:
+    """POST a body to a gateway, signed with the test's key unless told otherwise."""
+
+    def send(svc: Service, body: bytes, signature: Any = ..., **headers: str) -> httpx.Response:
+        h = {"content-type": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}}
+        sig = sign(body, api_key) if signature is ... else signature
+        if sig is not None:
+            h["x-retell-signature"] = sig
+        return httpx.post(f"{svc.url}/webhook", content=body, headers=h, timeout=15)
+
+    return send
+
+
+def topic_counts(bootstrap: str, prefix: str) -> dict[str, int]:
+    """Messages on each topic of `prefix` (high watermarks; a test's topics start empty)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}"})
+    out: dict[str, int] = {}
+    try:
+        md = c.list_topics(timeout=10)
+        for t in all_topics(prefix):
+            parts = md.topics[t].partitions if t in md.topics else {}
+            out[t.removeprefix(prefix + ".")] = sum(
+                c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1] for p in parts
+            )
+    finally:
+        c.close()
+    return out
+
+
+@pytest.fixture
+def counts(kafka_bootstrap: str, prefix: str) -> Callable[[], dict[str, int]]:
+    return lambda: topic_counts(kafka_bootstrap, prefix)
