@@ -13,3 +13,8 @@ class WorkerSettings(CommonSettings):
     web_port: int = 6066
     data_dir: str = "data/faust"
     alert_webhook_url: SecretStr | None = None
+    # A TOML file overriding the shipped alert rules (streams/alerts.default.toml).
+    alerts_config: str | None = None
+    # Events per batch and the longest wait to fill one: batching is what makes Faust fast.
+    batch_size: int = 2000
+    batch_within_s: float = 0.05
