@@ -85,6 +85,8 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
         stream_wait_empty=False,
         broker_commit_every=cfg.batch_size * 4,
         web_router_enabled=True,
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 4),
     )
     names = [topic(cfg.topic_prefix, e) for e in (*EVENT_NAMES, UNKNOWN)]
     source = app.topic(*names, value_type=bytes, key_type=bytes)

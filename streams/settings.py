@@ -18,3 +18,5 @@ class WorkerSettings(CommonSettings):
     # Events per batch and the longest wait to fill one: batching is what makes Faust fast.
     batch_size: int = 2000
     batch_within_s: float = 0.05
+    # How soon the group notices a dead worker and hands its partitions to the others.
+    session_timeout_s: float = 10.0
