@@ -39,11 +39,15 @@ function tiles(s) {
     `<div class="tile" data-metric="${esc(k)}"><div class="v">${esc(v)}</div><div class="k">${esc(k)}</div></div>`).join("");
 }
 
-function series(windows, scope, pick) {
+// One point per minute of the last hour, so that quiet minutes show as zero, not as a gap.
+function series(windows, scope, pick, now) {
+  const byStart = new Map(windows.map((w) => [w.start, w]));
+  const last = now - (now % 60000);
   const xs = [], cols = [];
-  for (const w of windows) {
-    const s = scopeOf(w, scope);
-    xs.push(w.start / 1000);
+  for (let t = last - 59 * 60000; t <= last; t += 60000) {
+    const w = byStart.get(t);
+    const s = w ? scopeOf(w, scope) : null;
+    xs.push(t / 1000);
     const vals = pick(s);
     vals.forEach((v, i) => { (cols[i] = cols[i] || []).push(v); });
   }
@@ -58,12 +62,12 @@ function draw(data) {
   }
   const total = scope === "*" ? data.overall : data.agents[scope];
   if (total) tiles(total);
-  const W = data.windows;
+  const W = data.windows, now = data.generated_at;
   const z = (f) => (s) => (s ? f(s) : f(null));
-  charts.volume.setData(series(W, scope, z((s) => s ? [s.calls, s.calls_started, s.calls_ended, s.chats_started] : [0, 0, 0, 0])));
-  charts.outcomes.setData(series(W, scope, z((s) => s ? [s.connected, s.not_connected, s.calls_successful, s.calls_unsuccessful] : [0, 0, 0, 0])));
-  charts.failure.setData(series(W, scope, z((s) => [s && s.failure_rate !== null ? 100 * s.failure_rate : null])));
-  charts.duration.setData(series(W, scope, z((s) => s ? [s.duration_p50_ms && s.duration_p50_ms / 1000, s.duration_p95_ms && s.duration_p95_ms / 1000] : [null, null])));
+  charts.volume.setData(series(W, scope, z((s) => s ? [s.calls, s.calls_started, s.calls_ended, s.chats_started] : [0, 0, 0, 0]), now));
+  charts.outcomes.setData(series(W, scope, z((s) => s ? [s.connected, s.not_connected, s.calls_successful, s.calls_unsuccessful] : [0, 0, 0, 0]), now));
+  charts.failure.setData(series(W, scope, z((s) => [s && s.failure_rate !== null ? 100 * s.failure_rate : null]), now));
+  charts.duration.setData(series(W, scope, z((s) => s ? [s.duration_p50_ms && s.duration_p50_ms / 1000, s.duration_p95_ms && s.duration_p95_ms / 1000] : [null, null]), now));
   $("agents").tBodies[0].innerHTML = Object.entries(data.agents).map(([a, s]) =>
     `<tr><td>${esc(a)}</td><td>${s.calls}</td><td>${s.active_calls}</td><td>${s.connected}</td><td>${s.not_connected}</td>` +
     `<td>${pct(s.failure_rate)}</td><td>${pct(s.success_rate)}</td><td>${secs(s.duration_p50_ms)}</td>` +
