@@ -85,6 +85,10 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
         stream_wait_empty=False,
         broker_commit_every=cfg.batch_size * 4,
         web_router_enabled=True,
+        # Every batch writes its calls' states to the changelog: let the producer batch them.
+        producer_linger_ms=10,
+        producer_max_batch_size=1_048_576,
+        producer_max_request_size=4_194_304,
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 4),
     )
@@ -96,7 +100,7 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
     feed = AlertFeed(cfg.kafka_bootstrap, topic(cfg.topic_prefix, ALERTS))
 
     def publish(alert: Alert) -> None:
-        log.warning("ALERT %s", alert.text)
+        log.info("alert %s", alert.text)
         alerts_topic.send_soon(key=alert.id.encode(), value=encode_alert(alert))
         sender.submit(alert)
 
@@ -155,7 +159,7 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
         now = int(time.time() * 1000)
         books, _ = await view.books(since=now - now % WINDOW_MS - rule.window_minutes * WINDOW_MS)
         for alert in failure_rate_alerts(rule, view.windows(books), now, last_rate_alert):
-            log.warning("ALERT %s", alert.text)
+            log.info("alert %s", alert.text)
             await alerts_topic.send(key=alert.agent_id.encode(), value=encode_alert(alert))
             sender.submit(alert)
 
