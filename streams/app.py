@@ -33,6 +33,7 @@ class TableStore:
     def __init__(self, table: Any) -> None:
         self.table = table
         self.data = table.data
+        self.pending: list[tuple[int, bytes, bytes | None]] = []
 
     def get(self, key: bytes) -> bytes | None:
         return self.table.data.get(key)
@@ -46,7 +47,19 @@ class TableStore:
         key_partition = getattr(data, "_key_partition", None)
         if key_partition is not None:  # the memory store forgets revoked partitions' keys by this map
             key_partition[key] = partition
-        self.table.send_changelog(partition, key, value)
+        self.pending.append((partition, key, value))
+
+    async def flush(self) -> None:
+        """Hand the batch's writes to the Kafka producer, in order.
+
+        Awaiting `send` (rather than Faust's `send_soon` buffer) puts them in the producer before
+        the batch's events are acked, so the producer flush that precedes every offset commit
+        covers them.
+        """
+        topic, pending = self.table.changelog_topic, self.pending
+        self.pending = []
+        for partition, key, value in pending:
+            await topic.send(key=key, value=value, partition=partition, callback=self.table._on_changelog_sent)
 
     def keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]:
         return (k for k in list(self.table.data.keys()) if k.startswith(prefix))
@@ -104,7 +117,8 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
         alerts_topic.send_soon(key=alert.id.encode(), value=encode_alert(alert))
         sender.submit(alert)
 
-    processor = Processor(TableStore(table), rules, publish)
+    store = TableStore(table)
+    processor = Processor(store, rules, publish)
     state = {"ready": False}
 
     def active() -> set[int]:
@@ -129,6 +143,7 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
                 key = m.key if isinstance(m.key, bytes) else str(m.key or "").encode()
                 batch.append(In(m.partition, name, key, m.value or b"", _received_at(ev)))
             processor.process(batch)
+            await store.flush()
 
     async def _moving(sender: Any, *args: Any, **kwargs: Any) -> None:
         state["ready"] = False
@@ -143,6 +158,9 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
 
     @app.task
     async def _start_alerts() -> None:
+        # A batch sends one changelog write per call it touched; Faust's default (100 pending
+        # messages) would stall the stream on every batch until the producer caught up.
+        app.producer.buffer.max_messages = cfg.batch_size * 4
         feed.start()
         await sender.run()
 
