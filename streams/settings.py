@@ -11,6 +11,9 @@ class WorkerSettings(CommonSettings):
     app_id: str = "callstream-metrics"
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    # How the other workers reach this one's web server (they merge each other's partitions);
+    # set it when web_host is 0.0.0.0, e.g. http://worker-1:6066.
+    web_url: str | None = None
     data_dir: str = "data/faust"
     alert_webhook_url: SecretStr | None = None
     # A TOML file overriding the shipped alert rules (streams/alerts.default.toml).
