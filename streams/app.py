@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -65,17 +66,21 @@ class TableStore:
         return (k for k in list(self.table.data.keys()) if k.startswith(prefix))
 
 
-def _received_at(event: Any) -> int:
-    headers = event.message.headers
-    if headers:
-        for k, v in headers:
-            if k == Header.RECEIVED_AT:
-                try:
-                    return int(v)
-                except (TypeError, ValueError):
-                    break
-    ts = event.message.timestamp
-    return int(ts * 1000) if ts else int(time.time() * 1000)
+def _event_and_time(message: Any) -> tuple[str, int]:
+    """The event name (the gateway's `event` header, else the topic's suffix) and `received_at` ms."""
+    name, at = "", 0
+    for k, v in message.headers or ():
+        if k == Header.EVENT:
+            name = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+        elif k == Header.RECEIVED_AT:
+            with contextlib.suppress(TypeError, ValueError):
+                at = int(v)
+    if not name:
+        name = message.topic.rpartition(".")[2]
+    if not at:
+        ts = message.timestamp
+        at = int(ts * 1000) if ts else int(time.time() * 1000)
+    return name, at
 
 
 def create_app(settings: WorkerSettings | None = None) -> faust.App:
@@ -139,9 +144,9 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
             batch = []
             for ev in events:
                 m = ev.message
-                name = m.topic.rpartition(".")[2]
+                name, at = _event_and_time(m)
                 key = m.key if isinstance(m.key, bytes) else str(m.key or "").encode()
-                batch.append(In(m.partition, name, key, m.value or b"", _received_at(ev)))
+                batch.append(In(m.partition, name, key, m.value or b"", at))
             processor.process(batch)
             await store.flush()
 
@@ -182,5 +187,5 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
             sender.submit(alert)
 
     register_pages(app, view, feed, sender, processor)
-    app.callstream = {"processor": processor, "view": view, "feed": feed, "sender": sender}  # type: ignore[attr-defined]
+    app.callstream = {"processor": processor, "store": store, "agent": process, "view": view, "feed": feed, "sender": sender}  # type: ignore[attr-defined]
     return app
