@@ -9,7 +9,7 @@ const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&l
 function makeChart(el, series) {
   const opts = {
     width: Math.max(420, el.clientWidth || 440), height: 200,
-    series: [{}].concat(series.map(([label, stroke]) => ({ label, stroke, width: 2 }))),
+    series: [{}].concat(series.map(([label, stroke]) => ({ label, stroke, width: 2, spanGaps: true, points: { show: true, size: 4 } }))),
     axes: [{}, {}], scales: { x: { time: true } },
   };
   return new uPlot(opts, [[]].concat(series.map(() => [])), el);
