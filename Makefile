@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test install kafka kafka-stop lint typecheck bench bench-gateway bench-streams bench-warehouse clean
+.PHONY: up test install kafka kafka-stop lint typecheck bench bench-gateway bench-streams bench-warehouse clean chromium
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
@@ -20,9 +20,14 @@ up: $(STAMP)
 	$(BIN)/callstream up
 
 ## make test: the whole test suite, against a real Kafka broker that the suite starts itself.
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/callstream kafka start --help >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Debian's chromium for the dashboard's browser test (Playwright drives it; never `playwright install`).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| echo "WARNING: could not install Debian's chromium (apt-get as root); the browser tests will be skipped"
 
 kafka: $(STAMP)
 	$(BIN)/callstream kafka start

@@ -137,7 +137,12 @@ def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
 @click.option("--web-port", default=None, type=int, help="Dashboard port (default CALLSTREAM_WEB_PORT or 6066).")
 @click.pass_context
 def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> None:
-    """The Faust app: live metrics, alerts and the live dashboard (default http://127.0.0.1:6066/)."""
+    """The Faust app: live metrics, alerts and the live dashboard (default http://127.0.0.1:6066/).
+
+    JSON at /api/metrics, Prometheus at /metrics. Alert rules: the shipped defaults, overridden by
+    the TOML file CALLSTREAM_ALERTS_CONFIG names; alerts go to <prefix>.alerts and are POSTed to
+    CALLSTREAM_ALERT_WEBHOOK_URL when set. Workers with the same topic prefix share the partitions.
+    """
     from faust import Worker
 
     from streams.app import create_app
@@ -148,7 +153,10 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
         cfg = WorkerSettings.model_validate(overrides)
     except ValidationError as exc:
         raise _settings_error(exc) from exc
-    app = create_app(cfg)
+    try:
+        app = create_app(cfg)
+    except CallstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"worker: dashboard http://{cfg.web_host}:{cfg.web_port}/ ; kafka {cfg.kafka_bootstrap}", err=True)
     Worker(app, loglevel=ctx.obj["log_level"].upper(), quiet=True).execute_from_commandline()
 

@@ -1,41 +1,91 @@
-"""The Faust app: one consumer group over every event topic of a prefix."""
+"""The Faust app: one agent over every event topic, the call/metrics table, alerts and the dashboard."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import faust
-import msgspec
-from faust.web import Request, Response, View
 
-from callstream.catalogue import EVENT_NAMES, UNKNOWN, topic
+from callstream.catalogue import ALERTS, EVENT_NAMES, UNKNOWN, Header, topic
+from streams.alertrules import RATE_RULE, load_config
+from streams.alerts import AlertFeed, WebhookSender, encode_alert, failure_rate_alerts
+from streams.groupview import GroupView
+from streams.metrics import WINDOW_MS
+from streams.processor import Alert, In, Processor
 from streams.settings import WorkerSettings
+from streams.web import register_pages
+
+log = logging.getLogger(__name__)
+
+TABLE = "callstream_state"
 
 
-class _Agent(msgspec.Struct):
-    agent_id: str | None = None
+class TableStore:
+    """The processor's Store over a Faust table whose keys and values are raw bytes.
+
+    Writes name their changelog partition explicitly: the partition of the events that caused
+    them, which is also the partition of the key's call (see streams.processor).
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.data = table.data
+        self.pending: list[tuple[int, bytes, bytes | None]] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.table.data.get(key)
+
+    def put(self, partition: int, key: bytes, value: bytes | None) -> None:
+        data = self.table.data
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+        key_partition = getattr(data, "_key_partition", None)
+        if key_partition is not None:  # the memory store forgets revoked partitions' keys by this map
+            key_partition[key] = partition
+        self.pending.append((partition, key, value))
+
+    async def flush(self) -> None:
+        """Hand the batch's writes to the Kafka producer, in order.
+
+        Awaiting `send` (rather than Faust's `send_soon` buffer) puts them in the producer before
+        the batch's events are acked, so the producer flush that precedes every offset commit
+        covers them.
+        """
+        topic, pending = self.table.changelog_topic, self.pending
+        self.pending = []
+        for partition, key, value in pending:
+            await topic.send(key=key, value=value, partition=partition, callback=self.table._on_changelog_sent)
+
+    def keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]:
+        return (k for k in list(self.table.data.keys()) if k.startswith(prefix))
 
 
-class _Envelope(msgspec.Struct):
-    event: str = ""
-    call: _Agent | None = None
-    chat: _Agent | None = None
-
-
-_decoder = msgspec.json.Decoder(_Envelope)
-
-
-def agent_of(body: bytes) -> str:
-    try:
-        env = _decoder.decode(body)
-    except msgspec.MsgspecError:
-        return "unknown"
-    ref = env.call or env.chat
-    return (ref.agent_id if ref else None) or "unknown"
+def _event_and_time(message: Any) -> tuple[str, int]:
+    """The event name (the gateway's `event` header, else the topic's suffix) and `received_at` ms."""
+    name, at = "", 0
+    for k, v in message.headers or ():
+        if k == Header.EVENT:
+            name = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+        elif k == Header.RECEIVED_AT:
+            with contextlib.suppress(TypeError, ValueError):
+                at = int(v)
+    if not name:
+        name = message.topic.rpartition(".")[2]
+    if not at:
+        ts = message.timestamp
+        at = int(ts * 1000) if ts else int(time.time() * 1000)
+    return name, at
 
 
 def create_app(settings: WorkerSettings | None = None) -> faust.App:
     cfg = settings or WorkerSettings()
+    rules = load_config(cfg.alerts_config)
     app = faust.App(
         f"{cfg.app_id}-{cfg.topic_prefix}",
         broker=f"kafka://{cfg.kafka_bootstrap}",
@@ -45,30 +95,97 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
         key_serializer="raw",
         web_host=cfg.web_host,
         web_port=cfg.web_port,
+        canonical_url=cfg.web_url or f"http://{cfg.web_host}:{cfg.web_port}",
         datadir=cfg.data_dir,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=cfg.batch_size * 4,
+        stream_wait_empty=False,
+        broker_commit_every=cfg.batch_size * 4,
+        web_router_enabled=True,
+        # Every batch writes its calls' states to the changelog: let the producer batch them.
+        producer_linger_ms=10,
+        producer_max_batch_size=1_048_576,
+        producer_max_request_size=4_194_304,
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 4),
     )
-    topics = [app.topic(topic(cfg.topic_prefix, e)) for e in (*EVENT_NAMES, UNKNOWN)]
-    counts = app.Table("event_counts", default=int, key_type=str, value_type=int, partitions=cfg.topic_partitions)
+    names = [topic(cfg.topic_prefix, e) for e in (*EVENT_NAMES, UNKNOWN)]
+    source = app.topic(*names, value_type=bytes, key_type=bytes)
+    alerts_topic = app.topic(topic(cfg.topic_prefix, ALERTS), value_type=bytes, key_type=bytes)
+    table = app.Table(TABLE, default=None, key_type=bytes, value_type=bytes, partitions=cfg.topic_partitions)
+    sender = WebhookSender(cfg.alert_webhook_url.get_secret_value() if cfg.alert_webhook_url else None)
+    feed = AlertFeed(cfg.kafka_bootstrap, topic(cfg.topic_prefix, ALERTS))
 
-    @app.agent(channel=app.topic(*[t.get_topic_name() for t in topics], value_type=bytes, key_type=bytes))
-    async def count(stream: Any) -> None:
-        async for event in stream.events():
-            headers = dict(event.headers or {})
-            name = headers.get("event", b"unknown")
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            counts[f"{name}|{agent_of(event.value)}"] += 1
+    def publish(alert: Alert) -> None:
+        log.info("alert %s", alert.text)
+        alerts_topic.send_soon(key=alert.id.encode(), value=encode_alert(alert))
+        sender.submit(alert)
 
-    @app.page("/api/counts")
-    class Counts(View):
-        async def get(self, request: Request) -> Response:
-            by_event: dict[str, int] = {}
-            by_agent: dict[str, dict[str, int]] = {}
-            for k, v in counts.items():
-                name, _, agent = k.partition("|")
-                by_event[name] = by_event.get(name, 0) + v
-                by_agent.setdefault(agent, {})[name] = v
-            return self.json({"events": by_event, "agents": by_agent})
+    store = TableStore(table)
+    processor = Processor(store, rules, publish)
+    state = {"ready": False}
 
+    def active() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == names[0]}
+
+    def peers() -> list[str]:
+        try:
+            return [str(u) for u in app.router.table_metadata(TABLE)]
+        except (KeyError, AttributeError):
+            return []
+
+    view = GroupView(processor, cfg.topic_partitions, str(app.conf.canonical_url), active, peers,
+                     lambda: state["ready"])
+
+    @app.agent(source)
+    async def process(stream: Any) -> None:
+        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
+            batch = []
+            for ev in events:
+                m = ev.message
+                name, at = _event_and_time(m)
+                key = m.key if isinstance(m.key, bytes) else str(m.key or "").encode()
+                batch.append(In(m.partition, name, key, m.value or b"", at))
+            processor.process(batch)
+            await store.flush()
+
+    async def _moving(sender: Any, *args: Any, **kwargs: Any) -> None:
+        state["ready"] = False
+
+    async def _recovered(sender: Any, *args: Any, **kwargs: Any) -> None:
+        processor.reset()  # reload the books from the recovered table
+        state["ready"] = True
+
+    app.on_partitions_revoked.connect(_moving)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(_moving)  # type: ignore[arg-type]
+    app.on_rebalance_complete.connect(_recovered)  # type: ignore[arg-type]
+
+    @app.task
+    async def _start_alerts() -> None:
+        # A batch sends one changelog write per call it touched; Faust's default (100 pending
+        # messages) would stall the stream on every batch until the producer caught up.
+        app.producer.buffer.max_messages = cfg.batch_size * 4
+        feed.start()
+        await sender.run()
+
+    last_rate_alert: dict[str, int] = {}
+
+    @app.timer(rules.failure_rate.check_seconds, on_leader=True)
+    async def _failure_rate() -> None:
+        rule = rules.failure_rate
+        if not rule.enabled or not state["ready"]:
+            return
+        # Throttling survives a restart or a new leader: the feed holds the alerts raised before.
+        for agent, at in feed.last_by_rule_agent(RATE_RULE).items():
+            last_rate_alert[agent] = max(last_rate_alert.get(agent, 0), at)
+        now = int(time.time() * 1000)
+        books, _ = await view.books(since=now - now % WINDOW_MS - rule.window_minutes * WINDOW_MS)
+        for alert in failure_rate_alerts(rule, view.windows(books), now, last_rate_alert):
+            log.info("alert %s", alert.text)
+            await alerts_topic.send(key=alert.agent_id.encode(), value=encode_alert(alert))
+            sender.submit(alert)
+
+    register_pages(app, view, feed, sender, processor)
+    app.callstream = {"processor": processor, "store": store, "agent": process, "view": view, "feed": feed, "sender": sender}  # type: ignore[attr-defined]
     return app

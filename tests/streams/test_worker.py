@@ -1,0 +1,214 @@
+"""Acceptance: the real gateway, broker and worker processes, with an alert webhook server in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from callstream.fakecalls import CallFactory, Event, Fleet
+from callstream.localkafka import free_port
+from callstream.simulate import run as simulate
+from gateway.signature import sign
+from streams.metrics import exact_quantile
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+class Hook:
+    """A Slack-like webhook endpoint: records every POSTed body."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        received = self.bodies
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.srv.server_port}/hook"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    h = Hook()
+    yield h
+    h.srv.shutdown()
+
+
+@pytest.fixture
+def start_worker(start_service, tmp_path: Path) -> Callable[..., object]:
+    cfg = tmp_path / "alerts.toml"
+    cfg.write_text("[failure_rate]\ncheck_seconds = 1\n")
+
+    def start(env: dict[str, str] | None = None, name: str = "worker"):
+        port = free_port()
+        return start_service(name, "worker", "--web-port", str(port), url=f"http://127.0.0.1:{port}",
+                             env={"CALLSTREAM_ALERTS_CONFIG": str(cfg), **(env or {})})
+
+    return start
+
+
+def post_all(url: str, key: str, events: list[Event]) -> None:
+    with httpx.Client(timeout=15) as c:
+        for ev in events:
+            body = ev.body()
+            r = c.post(f"{url}/webhook", content=body,
+                       headers={"x-retell-signature": sign(body, key), "content-type": "application/json"})
+            assert r.status_code == 204, r.text
+
+
+def metrics(worker) -> dict:
+    return httpx.get(f"{worker.url}/api/metrics", params={"minutes": 60}, timeout=10).json()
+
+
+def wait_metrics(worker, ok: Callable[[dict], bool], timeout: float = 120) -> dict:
+    r = worker.wait_http("/api/metrics?minutes=60", timeout=timeout, ok=lambda r: r.status_code == 200 and ok(r.json()))
+    return r.json()
+
+
+def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_service, start_worker, hook):
+    worker = start_worker({"CALLSTREAM_ALERT_WEBHOOK_URL": hook.url})
+    wait_metrics(worker, lambda m: m["complete"])
+    fleet = Fleet(seed=21, agents=2)
+    good, bad = fleet.agent_ids
+    f = CallFactory(fleet, seed=21, turns=(4, 8))
+    calls: dict[str, list[Event]] = {}
+
+    def call(scenario: str, agent: str) -> list[Event]:
+        evs = f.events(scenario, agent_id=agent) if scenario != "chat" else f.events("chat", agent_id=agent)
+        calls[evs[0].key] = evs
+        return evs
+
+    dup = call("completed", good)
+    late = call("completed", good)
+    plain = call("completed", good)
+    bridged = call("transfer_bridged", good)
+    cancelled = call("transfer_cancelled", good)
+    chat = call("chat", good)
+    failed = [call("failed_dial", bad) for _ in range(5)]
+    error = call("error", bad)
+    late_analysis = [e for e in late if e.event == "call_analyzed"]
+    send = (
+        [e for e in dup for _ in range(2)]  # every delivery retried
+        + [e for e in late if e.event != "call_analyzed"]
+        + plain + bridged + cancelled + chat + error
+        + [e for evs in failed for e in evs]
+        + cancelled[-2:]  # a late retry of call_ended / call_analyzed
+    )
+    post_all(gateway_service.url, api_key, send)
+    post_all(gateway_service.url, api_key, late_analysis)  # analysis long after the call ended
+
+    phone = [evs for cid, evs in calls.items() if not cid.startswith("chat_")]
+    ended = [next(e for e in evs if e.event == "call_ended").payload["call"] for evs in phone]
+    connected = [c for c in ended if c["call_status"] != "not_connected"]
+    m = wait_metrics(worker, lambda m: m["overall"]["calls_analyzed"] == len(phone)
+                     and m["overall"]["chats_analyzed"] == 1)
+    o = m["overall"]
+    assert (o["calls"], o["calls_started"], o["calls_ended"], o["calls_analyzed"]) == (11, 6, 11, 11)
+    assert (o["connected"], o["not_connected"], o["failed"], o["active_calls"]) == (6, 5, 6, 0)
+    assert o["failure_rate"] == round(6 / 11, 4)
+    assert (o["calls_successful"], o["calls_unsuccessful"], o["success_rate"]) == (4, 7, round(4 / 11, 4))
+    assert (o["transfers_started"], o["transfers_bridged"], o["transfers_cancelled"]) == (2, 1, 1)
+    assert o["disconnection_reasons"] == dict(Counter(c["disconnection_reason"] for c in ended))
+    assert o["sentiment"] == dict(Counter(
+        next(e for e in evs if e.event == "call_analyzed").payload["call"]["call_analysis"]["user_sentiment"]
+        for evs in phone))
+    assert o["cost_total"] == pytest.approx(sum(c["call_cost"]["combined_cost"] for c in ended), abs=1e-3)
+    durations = [c["duration_ms"] for c in connected]
+    assert o["duration_p50_ms"] == pytest.approx(exact_quantile(durations, 0.5), rel=0.02)
+    assert o["duration_p95_ms"] == pytest.approx(exact_quantile(durations, 0.95), rel=0.02)
+    assert o["e2e_latency_p50_ms"] == pytest.approx(
+        exact_quantile([c["latency"]["e2e"]["p50"] for c in connected], 0.5), rel=0.02)
+    chat_ok = chat[-1].payload["chat"]["chat_analysis"]["chat_successful"]
+    assert (o["chats_started"], o["chats_ended"], o["chats_successful"]) == (1, 1, int(chat_ok))
+    assert m["agents"][bad]["failed"] == 6 and m["agents"][good]["failed"] == 0
+    assert sum(w["overall"]["calls"] for w in m["windows"]) == 11
+
+    cid = lambda evs: evs[0].key  # noqa: E731
+    want = ({f"failed_dial:{cid(evs)}" for evs in failed}
+            | {f"error:{cid(error)}", f"unsuccessful:{cid(error)}"}
+            | {f"transfer_cancelled:{cid(cancelled)}", f"unsuccessful:{cid(cancelled)}",
+               f"negative_sentiment:{cid(cancelled)}"})
+
+    def alert_ids(body: dict) -> list[str]:
+        return [a["id"] if a["rule"] != "failure_rate" else f"failure_rate:{a['agent_id']}" for a in body["alerts"]]
+
+    want_all = want | {f"failure_rate:{bad}"}
+    r = worker.wait_http("/api/alerts", ok=lambda r: set(alert_ids(r.json())) == want_all)
+    assert sorted(alert_ids(r.json())) == sorted(want_all)  # on the alerts topic, each once
+    deadline = time.monotonic() + 30
+    while len(hook.bodies) < len(want_all) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    got = [b["alert"]["id"] if b["alert"]["rule"] != "failure_rate" else f"failure_rate:{b['alert']['agent_id']}"
+           for b in hook.bodies]
+    assert sorted(got) == sorted(want_all)
+    assert all(b["text"] for b in hook.bodies)
+
+
+def _distinct(res) -> int:
+    return len(res.calls) + len(res.chats)
+
+
+def _seen(m: dict) -> int:
+    """Distinct calls and chats the group has counted."""
+    return m["overall"]["calls"] + m["overall"]["chats_started"]
+
+
+def _simulate(url: str, key: str, calls: int, seed: int, rate: float = 150.0):
+    return asyncio.run(simulate(f"{url}/webhook", key, calls=calls, rate=rate, duplicate_rate=0.1, seed=seed, agents=3))
+
+
+def test_sigkill_mid_stream_then_restart_counts_each_call_once(topics, api_key, gateway_service, start_worker):
+    w1 = start_worker()
+    wait_metrics(w1, lambda m: m["complete"])
+    results = []
+    t = threading.Thread(target=lambda: results.append(_simulate(gateway_service.url, api_key, 160, seed=5)))
+    t.start()
+    wait_metrics(w1, lambda m: m["overall"]["calls"] >= 30)
+    w1.stop(signal.SIGKILL)
+    t.join()
+    res = results[0]
+    assert res.failed == 0
+    w2 = start_worker(name="worker-restarted")
+    m = wait_metrics(w2, lambda m: m["complete"] and _seen(m) == _distinct(res) and m["overall"]["calls_analyzed"]
+                     == len(res.calls) and m["overall"]["active_calls"] == 0)
+    assert _seen(m) == _distinct(res)
+    assert m["overall"]["calls_ended"] == len(res.calls)
+    assert m["overall"]["chats_started"] == len(res.chats)
+
+
+def test_two_workers_share_partitions_and_one_carries_on(topics, api_key, gateway_service, start_worker):
+    a = start_worker(name="worker-a")
+    b = start_worker(name="worker-b")
+    both = wait_metrics(a, lambda m: m["complete"] and len(m["workers"]) == 2, timeout=180)
+    assert len(both["partitions"]) == 3
+    local_a = httpx.get(f"{a.url}/api/local", timeout=5).json()["books"]
+    local_b = httpx.get(f"{b.url}/api/local", timeout=5).json()["books"]
+    assert local_a and local_b and not set(local_a) & set(local_b)  # each owns some partitions
+
+    first = _simulate(gateway_service.url, api_key, 60, seed=8)
+    m = wait_metrics(b, lambda m: m["complete"] and _seen(m) == _distinct(first))
+    assert m["overall"]["calls_analyzed"] == len(first.calls)
+    b.stop(signal.SIGKILL)
+    second = _simulate(gateway_service.url, api_key, 60, seed=9)
+    total = _distinct(first) + _distinct(second)
+    m = wait_metrics(a, lambda m: m["complete"] and len(m["workers"]) == 1 and _seen(m) == total, timeout=180)
+    assert m["partitions"] == [0, 1, 2]
+    assert m["overall"]["calls_analyzed"] == len(first.calls) + len(second.calls)
