@@ -32,6 +32,7 @@ from pathlib import Path
 import duckdb
 import orjson
 
+from warehouse.db import run, scalar
 from warehouse.schema import FAMILIES, TABLES
 
 log = logging.getLogger(__name__)
@@ -142,14 +143,14 @@ class ParquetPublisher:
             if self._cur is None:
                 self._cur = self._con.cursor()
             cur = self._cur
-            cur.execute("BEGIN TRANSACTION")
+            run(cur, "BEGIN TRANSACTION")
             try:
-                dirty = cur.execute(
+                dirty = run(cur,
                     "SELECT family, day, max(seq) FROM _callstream_dirty WHERE seq > ? GROUP BY ALL ORDER BY ALL",
                     [self.done_seq],
-                ).fetchall()
+                )
                 if not dirty and not self.needs_full_publish():
-                    cur.execute("COMMIT")
+                    run(cur, "COMMIT")
                     return 0
                 staged: list[tuple[Path, Path | None]] = []  # (final path, tmp path or None to delete)
                 for family_name, day, _ in dirty:
@@ -160,21 +161,20 @@ class ParquetPublisher:
                         folder.mkdir(parents=True, exist_ok=True)
                         tmp = folder / f".{DATA_FILE}.{os.getpid()}.tmp"
                         cols = ", ".join(c for c in table.column_names if c != "day")
-                        n = cur.execute(
+                        rows = int(scalar(cur,
                             f"COPY (SELECT {cols} FROM {table.name} WHERE day = DATE '{day.isoformat()}') "
                             f"TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)"
-                        ).fetchone()
-                        rows = int(n[0]) if n else 0
+                        ) or 0)
                         if rows == 0:
                             tmp.unlink(missing_ok=True)
                             staged.append((folder / DATA_FILE, None))
                         else:
                             staged.append((folder / DATA_FILE, tmp))
                 max_seq = max((int(s) for _, _, s in dirty), default=self.done_seq)
-                cur.execute("COMMIT")
+                run(cur, "COMMIT")
             except BaseException:
                 with contextlib.suppress(duckdb.Error):
-                    cur.execute("ROLLBACK")
+                    run(cur, "ROLLBACK")
                 raise
             for final, tmp in staged:
                 if tmp is None:

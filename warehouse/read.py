@@ -21,6 +21,7 @@ from pathlib import Path
 
 import duckdb
 
+from warehouse.db import run
 from warehouse.errors import WarehouseError
 from warehouse.parquet import current_snapshot, snapshot_files
 from warehouse.schema import TABLES
@@ -62,20 +63,20 @@ def refresh(con: duckdb.DuckDBPyConnection, path: str | os.PathLike[str] | None 
         if files:
             cols = ", ".join(t.column_names)
             listing = ", ".join(_quote(f.resolve()) for f in files)
-            con.execute(
+            run(con,
                 f"CREATE OR REPLACE VIEW {t.name} AS SELECT {cols} FROM read_parquet([{listing}], "
                 "hive_partitioning = true, hive_types = {'day': DATE})"
             )
         else:
-            con.execute(f"CREATE OR REPLACE VIEW {t.name} AS {t.empty_select()}")
+            run(con, f"CREATE OR REPLACE VIEW {t.name} AS {t.empty_select()}")
     create_views(con)
-    con.execute("CREATE OR REPLACE MACRO warehouse_snapshot() AS " + _quote(Path(snap.name)))
+    run(con, "CREATE OR REPLACE MACRO warehouse_snapshot() AS " + _quote(Path(snap.name)))
     return snap.name
 
 
 def connect(path: str | os.PathLike[str] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views over the newest Parquet snapshot."""
     con = duckdb.connect(":memory:")
-    con.execute("SET TimeZone = 'UTC'")
+    run(con, "SET TimeZone = 'UTC'")
     refresh(con, path)
     return con

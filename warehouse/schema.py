@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from warehouse.db import run
+
 
 @dataclass(frozen=True, slots=True)
 class Column:
@@ -244,9 +246,9 @@ def create_all(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table and reporting view (idempotent)."""
     from warehouse.views import create_views
 
-    con.execute("SET TimeZone = 'UTC'")
+    run(con, "SET TimeZone = 'UTC'")
     for t in TABLES:
-        con.execute(t.ddl())
-    con.execute(OFFSETS_DDL)
-    con.execute(DIRTY_DDL)
+        run(con, t.ddl())
+    run(con, OFFSETS_DDL)
+    run(con, DIRTY_DDL)
     create_views(con)

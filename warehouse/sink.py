@@ -26,6 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from callstream.catalogue import DEAD_LETTER, Header, topic
 from callstream.topics import ensure_topics
+from warehouse.db import run, scalar
 from warehouse.errors import RecordError, WarehouseError
 from warehouse.parquet import ParquetPublisher, current_snapshot
 from warehouse.records import FamilyBatch, Source
@@ -80,7 +81,7 @@ class Sink:
         self.stats = SinkStats()
         self._stop = threading.Event()
         self._high: dict[tuple[str, int], int] = {}
-        self._seq = int(self.con.execute("SELECT coalesce(max(seq), 0) FROM _callstream_dirty").fetchone()[0])  # type: ignore[index]
+        self._seq = int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty"))
         self._cleaned_seq = 0
         self._status_at = 0.0
         self.publisher = ParquetPublisher(self.con, Path(settings.parquet_dir),
@@ -104,13 +105,13 @@ class Sink:
         """No snapshot under the Parquet folder (new, or deleted): publish every day there is."""
         self._seq += 1
         for f in FAMILIES:
-            self.con.execute(f"INSERT INTO _callstream_dirty SELECT DISTINCT '{f.name}', day, ? FROM {f.parent.name}",
+            run(self.con, f"INSERT INTO _callstream_dirty SELECT DISTINCT '{f.name}', day, ? FROM {f.parent.name}",
                              [self._seq])
 
     # -- offsets -------------------------------------------------------------------------------
 
     def stored_offsets(self) -> dict[tuple[str, int], int]:
-        rows = self.con.execute("SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall()
+        rows = run(self.con, "SELECT topic, kafka_partition, next_offset FROM _callstream_offsets")
         return {(t, p): o for t, p, o in rows}
 
     def _assign(self) -> None:
@@ -169,20 +170,20 @@ class Sink:
         self._seq += 1
         con = self.con
         rows = 0
-        con.execute("BEGIN TRANSACTION")
+        run(con, "BEGIN TRANSACTION")
         try:
             for t, family_tables in tables.items():
                 rows += self._replace(self.families[t], family_tables)
             done = self.publisher.done_seq
             if done > self._cleaned_seq:
-                con.execute("DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
+                run(con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
             con.executemany(
                 "INSERT OR REPLACE INTO _callstream_offsets VALUES (?, ?, ?, ?)",
                 [(t, p, o, datetime.now(UTC).replace(tzinfo=None)) for (t, p), o in next_offsets.items()],
             )
-            con.execute("COMMIT")
+            run(con, "COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            run(con, "ROLLBACK")
             raise
         self._cleaned_seq = max(self._cleaned_seq, done)
         if tables:
@@ -204,18 +205,16 @@ class Sink:
         con.register("_batch_keys", batch_parent.select([key, "day"]))
         try:
             # Days of the replaced rows are dirty too: their Parquet files must lose the old rows.
-            con.execute(
+            run(con,
                 f"INSERT INTO _callstream_dirty SELECT DISTINCT ?, day, ? FROM ("
                 f"SELECT day FROM _batch_keys UNION ALL "
                 f"SELECT p.day FROM {parent.name} p SEMI JOIN _batch_keys b ON p.{key} = b.{key})",
                 [family.name, self._seq],
             )
-            replaced = con.execute(
-                f"SELECT count(*) FROM {parent.name} p SEMI JOIN _batch_keys b ON p.{key} = b.{key}"
-            ).fetchone()[0]  # type: ignore[index]
+            replaced = scalar(con, f"SELECT count(*) FROM {parent.name} p SEMI JOIN _batch_keys b ON p.{key} = b.{key}")
             if replaced:
                 for t in (*family.children, parent):
-                    con.execute(f"DELETE FROM {t.name} WHERE {key} IN (SELECT {key} FROM _batch_keys)")
+                    run(con, f"DELETE FROM {t.name} WHERE {key} IN (SELECT {key} FROM _batch_keys)")
         finally:
             con.unregister("_batch_keys")
         rows = 0
@@ -224,7 +223,7 @@ class Sink:
             if data.num_rows:
                 con.register("_batch_rows", data)
                 try:
-                    con.execute(f"INSERT INTO {t.name} SELECT * FROM _batch_rows")
+                    run(con, f"INSERT INTO {t.name} SELECT * FROM _batch_rows")
                 finally:
                     con.unregister("_batch_rows")
                 rows += data.num_rows
@@ -234,7 +233,7 @@ class Sink:
         """While idle: forget dirty days the publisher has written (a busy sink does it per batch)."""
         done = self.publisher.done_seq
         if done > self._cleaned_seq:
-            self.con.execute("DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
+            run(self.con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
             self._cleaned_seq = done
 
     def _write_status(self, force: bool = False) -> None:
@@ -242,7 +241,7 @@ class Sink:
         if not force and time.monotonic() - self._status_at < 1.0:
             return
         self._status_at = time.monotonic()
-        counts = {t.name: self.con.execute(f"SELECT count(*) FROM {t.name}").fetchone()[0] for t in TABLES}  # type: ignore[index]
+        counts = {t.name: scalar(self.con, f"SELECT count(*) FROM {t.name}") for t in TABLES}
         snap = current_snapshot(Path(self.cfg.parquet_dir))
         status = {"warehouse": str(Path(self.cfg.warehouse).resolve()), "tables": counts,
                   "records": self.stats.records, "dead_letters": self.stats.dead_letters,

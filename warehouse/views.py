@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import duckdb
 
+from warehouse.db import run
+
 # name -> SELECT over the base tables (calls, call_tool_calls, ...), whatever backs them.
 VIEWS: dict[str, str] = {
     # One row per day and agent: volume, outcome rates, duration, cost and the sentiment mix.
@@ -35,7 +37,7 @@ VIEWS: dict[str, str] = {
           count(*) AS calls,
           round(count(*) / sum(count(*)) OVER (PARTITION BY day), 4) AS share_of_day
         FROM calls
-        GROUP BY ALL
+        GROUP BY day, coalesce(disconnection_reason, 'unknown')
     """,
     # A transfer is bridged when the call ended by being transferred, cancelled when the transfer failed.
     "transfer_outcomes": """
@@ -51,7 +53,7 @@ VIEWS: dict[str, str] = {
         FROM calls
         WHERE transfer_destination IS NOT NULL
            OR disconnection_reason IN ('call_transfer', 'transfer_cancelled')
-        GROUP BY ALL
+        GROUP BY day, agent_id, outcome
     """,
     "tool_call_success": """
         SELECT
@@ -63,11 +65,11 @@ VIEWS: dict[str, str] = {
           count(*) FILTER (WHERE t.successful IS NULL) AS no_result,
           round(count(*) FILTER (WHERE t.successful) / nullif(count(t.successful), 0), 4) AS success_rate
         FROM call_tool_calls t
-        GROUP BY ALL
+        GROUP BY t.day, t.name
     """,
 }
 
 
 def create_views(con: duckdb.DuckDBPyConnection) -> None:
     for name, sql in VIEWS.items():
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        run(con, f"CREATE OR REPLACE VIEW {name} AS {sql}")
