@@ -33,6 +33,7 @@ import duckdb
 import orjson
 
 from warehouse.db import run, scalar
+from warehouse.errors import WarehouseError
 from warehouse.schema import FAMILIES, TABLES
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,10 @@ class ParquetPublisher:
     """Rewrites dirty day partitions on a timer, then publishes a snapshot of all tables."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, root: Path, min_interval: float = 2.0,
-                 retention_seconds: float = 600.0) -> None:
+                 retention_seconds: float = 600.0, compression: str = "zstd") -> None:
+        if compression not in ("zstd", "snappy", "gzip", "lz4", "uncompressed"):
+            raise WarehouseError(f"parquet compression {compression!r} is not one of zstd, snappy, gzip, lz4, uncompressed")
+        self.compression = compression
         self.root = root
         self.min_interval = min_interval
         self.retention = retention_seconds
@@ -163,7 +167,7 @@ class ParquetPublisher:
                         cols = ", ".join(c for c in table.column_names if c != "day")
                         rows = int(scalar(cur,
                             f"COPY (SELECT {cols} FROM {table.name} WHERE day = DATE '{day.isoformat()}') "
-                            f"TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)"
+                            f"TO '{tmp}' (FORMAT parquet, COMPRESSION {self.compression})"
                         ) or 0)
                         if rows == 0:
                             tmp.unlink(missing_ok=True)

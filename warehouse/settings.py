@@ -19,6 +19,7 @@ class SinkSettings(CommonSettings):
     # readable (a reader's connection sees one snapshot; reconnect for newer data within this time).
     parquet_min_interval_seconds: float = 2.0
     snapshot_retention_seconds: float = 600.0
+    parquet_compression: str = "zstd"
     # DuckDB's own buffer limit; with the Kafka fetch queue this bounds the sink's memory.
     duckdb_memory_limit: str = "256MB"
     duckdb_threads: int = 2

@@ -86,7 +86,8 @@ class Sink:
         self._status_at = 0.0
         self.publisher = ParquetPublisher(self.con, Path(settings.parquet_dir),
                                           min_interval=settings.parquet_min_interval_seconds,
-                                          retention_seconds=settings.snapshot_retention_seconds)
+                                          retention_seconds=settings.snapshot_retention_seconds,
+                                          compression=settings.parquet_compression)
         if current_snapshot(Path(settings.parquet_dir)) is None:
             self._mark_everything_dirty()
         self.consumer = Consumer({
