@@ -180,13 +180,13 @@ class ParquetPublisher:
                 with contextlib.suppress(duckdb.Error):
                     run(cur, "ROLLBACK")
                 raise
-            for final, tmp in staged:
-                if tmp is None:
+            for final, written in staged:
+                if written is None:
                     final.unlink(missing_ok=True)
                     with contextlib.suppress(OSError):
                         final.parent.rmdir()
                 else:
-                    os.replace(tmp, final)
+                    os.replace(written, final)
             self._snapshot()
             self.done_seq = max(self.done_seq, max_seq)
             self.rounds += 1

@@ -146,6 +146,9 @@ _ENTRY_DECODER = msgspec.json.Decoder(_Entry)
 _COST_DECODER = msgspec.json.Decoder(_Cost)
 _ANY_DECODER = msgspec.json.Decoder()
 
+# table name -> rows of one call or chat
+Rows = dict[str, list[dict[str, Any]]]
+
 TOOL_ROLES = frozenset({"tool_call_invocation", "tool_call_result"})
 SPEECH_ROLES = frozenset({"agent", "user"})
 
@@ -248,7 +251,7 @@ class FamilyBatch:
 
     def __init__(self, family: Family) -> None:
         self.family = family
-        self._latest: dict[str, tuple[Any, Source]] = {}
+        self._latest: dict[str, Rows] = {}
 
     def __len__(self) -> int:
         return len(self._latest)
@@ -287,7 +290,7 @@ class FamilyBatch:
         return self._latest.keys()
 
 
-def _call_rows(c: _Call, src: Source) -> Any:
+def _call_rows(c: _Call, src: Source) -> Rows:
     out = opted_out(c.opt_out_sensitive_data_storage, c.data_storage_setting)
     an = c.call_analysis or _CallAnalysis()
     e2e = (c.latency.e2e if c.latency else None) or _LatencyBlock()
@@ -366,7 +369,7 @@ def _call_rows(c: _Call, src: Source) -> Any:
     return {CALLS.name: [row], CALL_UTTERANCES.name: utterances, CALL_TOOL_CALLS.name: list(tools.values())}
 
 
-def _chat_rows(c: _Chat, src: Source) -> Any:
+def _chat_rows(c: _Chat, src: Source) -> Rows:
     out = opted_out(c.opt_out_sensitive_data_storage, c.data_storage_setting)
     an = c.chat_analysis or _ChatAnalysis()
     cost = None
