@@ -15,6 +15,7 @@ Prints a markdown table and replaces the warehouse section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -63,11 +64,9 @@ class Pool:
 
 def machine() -> str:
     cpu = "unknown CPU"
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     try:
         kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
         ram = f"{kb / 1024 / 1024:.0f} GiB RAM"
@@ -126,7 +125,7 @@ def bench_ceiling(pool: Pool, n: int, work: Path, batch: int = 2000) -> float:
         run(con, "BEGIN TRANSACTION")
         for name, table in fb.tables().items():
             con.register("_rows", table)
-            run(con, f"INSERT INTO {name} SELECT * FROM _rows")
+            run(con, f"INSERT INTO {name} SELECT *, {start} FROM _rows")
             con.unregister("_rows")
         run(con, "COMMIT")
         spent += time.monotonic() - t0

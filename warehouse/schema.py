@@ -43,7 +43,7 @@ class Table:
         return [c.name for c in self.columns]
 
     def ddl(self) -> str:
-        cols = ",\n  ".join(f"{c.name} {c.sql}" for c in self.columns)
+        cols = ",\n  ".join(f"{c.name} {c.sql}" for c in (*self.columns, LOAD_SEQ))
         pk = f",\n  PRIMARY KEY ({', '.join(self.key)})" if self.enforce_key else ""
         return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}{pk}\n)"
 
@@ -62,6 +62,10 @@ _ARROW = {
 def _c(name: str, sql: str) -> Column:
     return Column(name, sql, _ARROW[sql.split()[0]])
 
+
+# The batch that loaded a row (DuckDB only, not in Parquet): a publish writes the rows loaded since
+# the last one into a new Parquet part, and finds the part that holds a replaced row.
+LOAD_SEQ = Column("_load_seq", "BIGINT NOT NULL", pa.int64())
 
 # Common tail of every table: where the row came from, so any row can be traced to its message.
 _SOURCE = (
@@ -231,12 +235,13 @@ CREATE TABLE IF NOT EXISTS _callstream_offsets (
 )
 """
 
-# Day partitions whose Parquet files are behind the tables, written in the same transaction as the
-# rows, so a crash between a commit and the next Parquet publish loses no partition.
+# Replaced rows whose Parquet part must be rewritten without them: (day, _load_seq of the old row),
+# written in the same transaction as the new rows, so a crash before the next publish loses nothing.
 DIRTY_DDL = """
 CREATE TABLE IF NOT EXISTS _callstream_dirty (
   family VARCHAR NOT NULL,
   day DATE NOT NULL,
+  part_seq BIGINT NOT NULL,
   seq BIGINT NOT NULL
 )
 """

@@ -81,15 +81,22 @@ class Sink:
         self.stats = SinkStats()
         self._stop = threading.Event()
         self._high: dict[tuple[str, int], int] = {}
-        self._seq = int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty"))
+        # Load sequence numbers only grow, across restarts too (they name the Parquet parts).
+        self._seq = max(int(scalar(self.con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in TABLES)
+        self._seq = max(self._seq, int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty") or 0))
         self._cleaned_seq = 0
         self._status_at = 0.0
         self.publisher = ParquetPublisher(self.con, Path(settings.parquet_dir),
                                           min_interval=settings.parquet_min_interval_seconds,
                                           retention_seconds=settings.snapshot_retention_seconds,
                                           compression=settings.parquet_compression)
-        if current_snapshot(Path(settings.parquet_dir)) is None:
-            self._mark_everything_dirty()
+        published = self.publisher.published_seq()
+        if published > self._seq:
+            raise WarehouseError(
+                f"the Parquet folder {settings.parquet_dir} holds loads up to {published}, but {settings.warehouse} "
+                f"only up to {self._seq}: it was written from another database. Move it away (the sink rewrites "
+                "it from the database) or set CALLSTREAM_PARQUET_DIR to another folder."
+            )
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": f"{settings.group_id}-{settings.topic_prefix}",
@@ -101,13 +108,6 @@ class Sink:
             "queued.max.messages.kbytes": settings.fetch_queue_kbytes,
         })
         self._dlq: Producer | None = None
-
-    def _mark_everything_dirty(self) -> None:
-        """No snapshot under the Parquet folder (new, or deleted): publish every day there is."""
-        self._seq += 1
-        for f in FAMILIES:
-            run(self.con, f"INSERT INTO _callstream_dirty SELECT DISTINCT '{f.name}', day, ? FROM {f.parent.name}",
-                             [self._seq])
 
     # -- offsets -------------------------------------------------------------------------------
 
@@ -205,14 +205,13 @@ class Sink:
         batch_parent = tables[parent.name]
         con.register("_batch_keys", batch_parent.select([key, "day"]))
         try:
-            # Days of the replaced rows are dirty too: their Parquet files must lose the old rows.
-            run(con,
-                f"INSERT INTO _callstream_dirty SELECT DISTINCT ?, day, ? FROM ("
-                f"SELECT day FROM _batch_keys UNION ALL "
-                f"SELECT p.day FROM {parent.name} p SEMI JOIN _batch_keys b ON p.{key} = b.{key})",
+            # The Parquet parts holding the replaced rows must be rewritten without them.
+            replaced = scalar(
+                con,
+                f"INSERT INTO _callstream_dirty SELECT DISTINCT ?, p.day, p._load_seq, ? "
+                f"FROM {parent.name} p SEMI JOIN _batch_keys b ON p.{key} = b.{key}",
                 [family.name, self._seq],
             )
-            replaced = scalar(con, f"SELECT count(*) FROM {parent.name} p SEMI JOIN _batch_keys b ON p.{key} = b.{key}")
             if replaced:
                 for t in (*family.children, parent):
                     run(con, f"DELETE FROM {t.name} WHERE {key} IN (SELECT {key} FROM _batch_keys)")
@@ -224,7 +223,7 @@ class Sink:
             if data.num_rows:
                 con.register("_batch_rows", data)
                 try:
-                    run(con, f"INSERT INTO {t.name} SELECT * FROM _batch_rows")
+                    run(con, f"INSERT INTO {t.name} SELECT *, {self._seq} FROM _batch_rows")
                 finally:
                     con.unregister("_batch_rows")
                 rows += data.num_rows
