@@ -235,29 +235,39 @@ class Columns:
     def __len__(self) -> int:
         return len(self.data[self.table.column_names[0]])
 
-    def add(self, **row: Any) -> None:
+    def add(self, row: dict[str, Any]) -> None:
         for name, col in self.data.items():
             col.append(row.get(name))
 
-    def arrow(self) -> pa.Table:
+    def arrow(self, drop: list[int] | None = None) -> pa.Table:
         schema = self.table.arrow_schema
-        return pa.Table.from_arrays(
-            [pa.array(self.data[f.name], type=f.type) for f in schema], schema=schema
-        )
+        t = pa.Table.from_arrays([pa.array(self.data[f.name], type=f.type) for f in schema], schema=schema)
+        if drop:
+            keep = [True] * t.num_rows
+            for i in drop:
+                keep[i] = False
+            t = t.filter(pa.array(keep))
+        return t
 
 
 class FamilyBatch:
-    """The rows of one family (calls or chats) from one batch of records; the last delivery wins."""
+    """The rows of one family (calls or chats) from one batch of records; the last delivery wins.
+
+    Rows go into column lists as each record is decoded (memory stays near the size of the columns);
+    an earlier delivery of the same key in the batch has its rows dropped when the tables are built.
+    """
 
     def __init__(self, family: Family) -> None:
         self.family = family
-        self._latest: dict[str, Rows] = {}
+        self._cols = {t.name: Columns(t) for t in family.tables}
+        self._where: dict[str, dict[str, tuple[int, int]]] = {}
+        self._drop: dict[str, list[int]] = {t.name: [] for t in family.tables}
 
     def __len__(self) -> int:
-        return len(self._latest)
+        return len(self._where)
 
     def add(self, value: bytes, source: Source) -> None:
-        """Decode one record (raising RecordError if it cannot be loaded) and keep it by key."""
+        """Decode one record (raising RecordError if it cannot be loaded) and append its rows."""
         if self.family.parent is CALLS:
             try:
                 obj: Any = _CALL_DECODER.decode(value).call
@@ -272,22 +282,26 @@ class FamilyBatch:
             key = obj.chat_id
         if not key:
             raise RecordError(f"{self.family.parent.parent_key} is empty")
-        # Children are checked here too, so one bad record never fails the batch later.
+        # Every check happens before the first append, so a bad record leaves no partial rows.
         built = _call_rows(obj, source) if self.family.parent is CALLS else _chat_rows(obj, source)
-        self._latest.pop(key, None)  # keep delivery order: a repeated key moves to the end
-        self._latest[key] = built
+        old = self._where.pop(key, None)
+        if old is not None:
+            for name, (start, end) in old.items():
+                self._drop[name].extend(range(start, end))
+        where = {}
+        for name, rows in built.items():
+            cols = self._cols[name]
+            start = len(cols)
+            for r in rows:
+                cols.add(r)
+            where[name] = (start, len(cols))
+        self._where[key] = where
 
     def tables(self) -> dict[str, pa.Table]:
-        cols = {t.name: Columns(t) for t in self.family.tables}
-        for rows in self._latest.values():
-            for name, table_rows in rows.items():
-                c = cols[name]
-                for r in table_rows:
-                    c.add(**r)
-        return {name: c.arrow() for name, c in cols.items()}
+        return {name: c.arrow(self._drop[name]) for name, c in self._cols.items()}
 
     def keys(self) -> Iterable[str]:
-        return self._latest.keys()
+        return self._where.keys()
 
 
 def _call_rows(c: _Call, src: Source) -> Rows:

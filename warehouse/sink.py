@@ -316,6 +316,9 @@ def status_path(warehouse: str) -> Path:
 
 
 def run_sink(settings: SinkSettings, until_caught_up: bool = False) -> SinkStats:
+    # Arrow's default allocator keeps freed batches' memory; malloc gives it back (and the sink's
+    # peak RSS stays lower at the same speed).
+    pa.set_memory_pool(pa.system_memory_pool())
     sink = Sink(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sink.stop())
