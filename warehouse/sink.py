@@ -174,7 +174,7 @@ class Sink:
         run(con, "BEGIN TRANSACTION")
         try:
             for t, family_tables in tables.items():
-                rows += self._replace(self.families[t], family_tables)
+                rows += replace_rows(con, self.families[t], family_tables, self._seq)
             done = self.publisher.done_seq
             if done > self._cleaned_seq:
                 run(con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
@@ -196,37 +196,6 @@ class Sink:
         self.stats.records += len(msgs)
         self.stats.rows += rows
         self._write_status()
-        return rows
-
-    def _replace(self, family: Family, tables: dict[str, pa.Table]) -> int:
-        """Delete the stored versions of the batch's keys (parent and children) and insert the new."""
-        con = self.con
-        parent, key = family.parent, family.parent.parent_key
-        batch_parent = tables[parent.name]
-        con.register("_batch_keys", batch_parent.select([key, "day"]))
-        try:
-            # The Parquet parts holding the replaced rows must be rewritten without them.
-            replaced = scalar(
-                con,
-                f"INSERT INTO _callstream_dirty SELECT DISTINCT ?, p.day, p._load_seq, ? "
-                f"FROM {parent.name} p SEMI JOIN _batch_keys b ON p.{key} = b.{key}",
-                [family.name, self._seq],
-            )
-            if replaced:
-                for t in (*family.children, parent):
-                    run(con, f"DELETE FROM {t.name} WHERE {key} IN (SELECT {key} FROM _batch_keys)")
-        finally:
-            con.unregister("_batch_keys")
-        rows = 0
-        for t in family.tables:
-            data = tables[t.name]
-            if data.num_rows:
-                con.register("_batch_rows", data)
-                try:
-                    run(con, f"INSERT INTO {t.name} SELECT *, {self._seq} FROM _batch_rows")
-                finally:
-                    con.unregister("_batch_rows")
-                rows += data.num_rows
         return rows
 
     def _cleanup_dirty(self) -> None:
@@ -308,6 +277,36 @@ class Sink:
             self.con.close()
             if self._dlq is not None:
                 self._dlq.flush(10)
+
+
+def replace_rows(con: duckdb.DuckDBPyConnection, family: Family, tables: dict[str, pa.Table], seq: int) -> int:
+    """In the caller's transaction: delete the stored versions of the batch's keys (parent and
+    children), insert the new rows with load sequence `seq`, and note the replaced rows' Parquet parts."""
+    parent, key = family.parent, family.parent.parent_key
+    con.register("_batch_keys", tables[parent.name].select([key, "day"]))
+    try:
+        replaced = scalar(
+            con,
+            f"INSERT INTO _callstream_dirty SELECT DISTINCT ?, p.day, p._load_seq, ? "
+            f"FROM {parent.name} p SEMI JOIN _batch_keys b ON p.{key} = b.{key}",
+            [family.name, seq],
+        )
+        if replaced:
+            for t in (*family.children, parent):
+                run(con, f"DELETE FROM {t.name} WHERE {key} IN (SELECT {key} FROM _batch_keys)")
+    finally:
+        con.unregister("_batch_keys")
+    rows = 0
+    for t in family.tables:
+        data = tables[t.name]
+        if data.num_rows:
+            con.register("_batch_rows", data)
+            try:
+                run(con, f"INSERT INTO {t.name} SELECT *, {int(seq)} FROM _batch_rows")
+            finally:
+                con.unregister("_batch_rows")
+            rows += data.num_rows
+    return rows
 
 
 def status_path(warehouse: str) -> Path:
