@@ -8,6 +8,7 @@ import threading
 import time
 
 import duckdb
+import orjson
 import pytest
 
 from tests.warehouse.test_sink import assert_parquet_equals_duckdb
@@ -23,22 +24,40 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(traffic, start_serv
                                                              warehouse_paths):
     db, parquet = warehouse_paths
     p = traffic(seed=21, turns=(2, 4))
-    while len(p.sent.calls) < CRASH_CALLS:
-        p.send(500 if CRASH_CALLS - len(p.sent.calls) > 500 else 1, duplicates=0.05)
-    p.flush()
-    assert p.sent.deliveries > CRASH_CALLS + len(p.sent.chats)  # duplicate deliveries are in the input
-
     rng = random.Random(5)
+    chunks = 8
     env = {**sink_env, "CALLSTREAM_BATCH_MAX_RECORDS": "300"}
-    kills = 0
-    for _ in range(6):
+
+    def produce_chunk() -> None:
+        # Calls arrive while the sink runs: new ones, repeated deliveries, and calls delivered again later.
+        target = len(p.sent.calls) + CRASH_CALLS // chunks
+        earlier = list(p.sent.calls)
+        while len(p.sent.calls) < target:
+            p.send(min(250, target - len(p.sent.calls)), duplicates=0.05)
+            p.flush()
+        for call_id in rng.sample(earlier, min(100, len(earlier))):
+            p.send_raw("call_analyzed", call_id, orjson.dumps({"event": "call_analyzed", "call": p.sent.calls[call_id]}))
+        p.flush()
+
+    loaded_at_kill = []
+    for _ in range(chunks):
+        producer = threading.Thread(target=produce_chunk)
+        producer.start()
         sink = start_service("sink", "sink", env=env)
-        time.sleep(rng.uniform(0.8, 3.0))
+        time.sleep(rng.uniform(0.8, 2.5))
         assert sink.proc.poll() is None, sink.output()[-3000:]
         sink.proc.send_signal(signal.SIGKILL)
         sink.proc.wait()
-        kills += 1
-    assert kills >= 5
+        producer.join()
+        # Between runs the file is free: what the killed sink committed is there, once.
+        with duckdb.connect(str(db), read_only=True) as con:
+            ((n, distinct),) = con.execute("SELECT count(*), count(DISTINCT call_id) FROM calls").fetchall()
+        assert n == distinct
+        loaded_at_kill.append(n)
+    assert len(p.sent.calls) == CRASH_CALLS
+    assert p.sent.deliveries > CRASH_CALLS + len(p.sent.chats)  # duplicate deliveries are in the input
+    # Killed at least five times while the load was going on.
+    assert sum(n < CRASH_CALLS for n in loaded_at_kill) >= 5, loaded_at_kill
     run_sink_once()
 
     with duckdb.connect(str(db), read_only=True) as con:
@@ -47,7 +66,8 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(traffic, start_serv
         ]
         assert {r[0] for r in con.execute("SELECT call_id FROM calls").fetchall()} == set(p.sent.calls)
         per_call = dict(con.execute("SELECT call_id, count(*) FROM call_utterances GROUP BY ALL").fetchall())
-        assert per_call == {cid: n for cid in p.sent.calls if (n := p.sent.utterances(cid))}
+        want = {cid: p.sent.utterances(cid) for cid in p.sent.calls}
+        assert per_call == {cid: n for cid, n in want.items() if n}
         assert con.execute("SELECT count(*) FROM call_utterances").fetchall() == [(p.sent.total_utterances(),)]
         assert con.execute("SELECT count(*), count(DISTINCT chat_id) FROM chats").fetchall() == [
             (len(p.sent.chats), len(p.sent.chats))
