@@ -240,7 +240,14 @@ class Sink:
             deadline = time.monotonic() + self.cfg.batch_max_seconds
             while not self._stop.is_set():
                 want = max(1, min(500, self.cfg.batch_max_records - len(pending)))
-                for msg in self.consumer.consume(num_messages=want, timeout=0.2):
+                # consume() waits for `want` messages until the timeout: take what is there at once,
+                # and wait only when there is nothing at all.
+                got = self.consumer.consume(num_messages=want, timeout=0)
+                if not got and not pending:
+                    got = self.consumer.consume(num_messages=want, timeout=0.2)
+                elif not got:
+                    got = self.consumer.consume(num_messages=want, timeout=0.02)
+                for msg in got:
                     err = msg.error()
                     if err is None:
                         pending.append(msg)
