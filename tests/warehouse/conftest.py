@@ -90,7 +90,7 @@ def traffic(kafka_bootstrap: str, topics: str) -> Iterator[Callable[..., Traffic
 
 
 @pytest.fixture
-def sink_env(service_env: dict[str, str]) -> dict[str, str]:
+def sink_env() -> dict[str, str]:
     """Settings that make the sink publish Parquet often, so tests see many publishes."""
     return {"CALLSTREAM_PARQUET_MIN_INTERVAL_SECONDS": "0.3", "CALLSTREAM_BATCH_MAX_SECONDS": "0.3"}
 
