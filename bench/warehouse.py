@@ -19,6 +19,7 @@ import contextlib
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -97,7 +98,12 @@ def produce(bootstrap: str, prefix: str, pool: Pool, n: int) -> float:
     return time.monotonic() - t0
 
 
-def bench_sink(bootstrap: str, prefix: str, work: Path) -> tuple[float, float, dict]:
+def _cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def bench_sink(bootstrap: str, prefix: str, work: Path) -> tuple[float, float, float, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
     env.update(CALLSTREAM_KAFKA_BOOTSTRAP=bootstrap, CALLSTREAM_TOPIC_PREFIX=prefix,
                CALLSTREAM_WAREHOUSE=str(work / "warehouse.duckdb"), CALLSTREAM_PARQUET_DIR=str(work / "parquet"),
@@ -109,16 +115,16 @@ def bench_sink(bootstrap: str, prefix: str, work: Path) -> tuple[float, float, d
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"the sink failed with {os.waitstatus_to_exitcode(status)}")
     info = orjson.loads((work / "warehouse.status.json").read_bytes())
-    return seconds, usage.ru_maxrss / 1024, info
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, info
 
 
-def bench_ceiling(pool: Pool, n: int, work: Path, batch: int = 2000) -> float:
+def bench_ceiling(pool: Pool, n: int, work: Path, batch: int = 2000) -> tuple[float, float]:
     con = duckdb.connect(str(work / "ceiling.duckdb"))
     create_all(con)
-    spent = 0.0
+    spent = cpu = 0.0
     for start in range(0, n, batch):
         bodies = [pool.body(i)[0] for i in range(start, min(n, start + batch))]
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), _cpu()
         fb = FamilyBatch(CALL_FAMILY)
         for i, b in enumerate(bodies):
             fb.add(b, Source(0, start + i, None, int(time.time() * 1000)))
@@ -129,8 +135,9 @@ def bench_ceiling(pool: Pool, n: int, work: Path, batch: int = 2000) -> float:
             con.unregister("_rows")
         run(con, "COMMIT")
         spent += time.monotonic() - t0
+        cpu += _cpu() - c0
     con.close()
-    return spent
+    return spent, cpu
 
 
 def bench_dlt(pool: Pool, n: int, work: Path, nesting: int | None) -> float | None:
@@ -142,7 +149,7 @@ def bench_dlt(pool: Pool, n: int, work: Path, nesting: int | None) -> float | No
     rows = [orjson.loads(pool.body(i)[0])["call"] for i in range(n)]
     name = f"bench_{uuid.uuid4().hex[:8]}"
     pipe = dlt.pipeline(pipeline_name=name, destination=dlt.destinations.duckdb(str(work / f"{name}.duckdb")),
-                        dataset_name="calls", pipelines_dir=str(work / "dlt"), progress=None)
+                        dataset_name="calls", pipelines_dir=str(work / "dlt"))
     kwargs = {} if nesting is None else {"max_table_nesting": nesting}
     res = dlt.resource(rows, name="calls", primary_key="call_id", write_disposition="merge", **kwargs)
     t0 = time.monotonic()
@@ -186,12 +193,12 @@ def main() -> None:
         print(f"calls of {pool.mean_bytes / 1024:.1f} KB on average; producing {args.calls} ...", file=sys.stderr)
         produced = produce(bootstrap, prefix, pool, args.calls)
         print(f"produced in {produced:.1f}s; loading with `callstream sink --until-caught-up` ...", file=sys.stderr)
-        sink_s, rss_mb, status = bench_sink(bootstrap, prefix, work)
+        sink_s, sink_cpu, rss_mb, status = bench_sink(bootstrap, prefix, work)
         if status["tables"]["calls"] != args.calls:
             raise SystemExit(f"the sink loaded {status['tables']['calls']} calls, not {args.calls}")
         utterances = status["tables"]["call_utterances"]
         print("in-process ceiling ...", file=sys.stderr)
-        ceil_s = bench_ceiling(pool, args.calls, work)
+        ceil_s, ceil_cpu = bench_ceiling(pool, args.calls, work)
         dlt_rows = []
         if args.dlt_calls:
             for nesting, label in ((None, "default nesting"), (1, "max_table_nesting=1")):
@@ -205,22 +212,23 @@ def main() -> None:
             "## Warehouse",
             "",
             f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}. "
-            "Other work shared the machine, so treat the numbers as a floor.",
+            f"Other work shared the machine (load average {os.getloadavg()[0]:.1f} at the end), so treat "
+            "wall-clock numbers as a floor; CPU seconds depend less on the neighbours.",
             "",
             f"Analyzed calls of {pool.mean_bytes / 1024:.1f} KB on average (callstream's simulator, default turns), "
             f"{utterances / args.calls:.1f} utterances each, pre-filled in a 3-partition topic.",
             "",
-            "| path | calls | seconds | calls/s | peak RSS | note |",
-            "| --- | ---: | ---: | ---: | ---: | --- |",
+            "| path | calls | seconds | calls/s | CPU seconds | peak RSS | note |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
             f"| `callstream sink --until-caught-up`: Kafka -> DuckDB + Parquet | {args.calls} | {sink_s:.1f} | "
-            f"{sink_rate:,.0f} | {rss_mb:.0f} MB | whole process: start, load, final Parquet publish; "
-            f"{sink_rate / ceil_rate:.0%} of the ceiling |",
-            f"| in-process ceiling: decode, Arrow, INSERT | {args.calls} | {ceil_s:.1f} | {ceil_rate:,.0f} | | "
-            "no Kafka, no Parquet, no replace |",
+            f"{sink_rate:,.0f} | {sink_cpu:.1f} | {rss_mb:.0f} MB | whole process: start, load, final Parquet publish; "
+            f"{sink_rate / ceil_rate:.0%} of the ceiling's calls/s, {ceil_cpu / sink_cpu:.0%} of its calls per CPU second |",
+            f"| in-process ceiling: decode, Arrow, INSERT | {args.calls} | {ceil_s:.1f} | {ceil_rate:,.0f} | "
+            f"{ceil_cpu:.1f} | | no Kafka, no Parquet, no replace |",
         ]
         for label, s in dlt_rows:
             lines.append(f"| dlt[duckdb] merge on call_id, {label} | {args.dlt_calls} | {s:.1f} | "
-                         f"{args.dlt_calls / s:,.0f} | | same call objects, already decoded |")
+                         f"{args.dlt_calls / s:,.0f} | | | same call objects, already decoded |")
         lines += ["", "Targets: >= 2,000 calls/s per sink process, >= 70% of the ceiling, peak RSS < 500 MB "
                   "at 100,000 calls. Re-run: `make bench-warehouse` (`BENCH_ARGS='--calls 5000'` for a quick one)."]
         section = "\n".join(lines)
