@@ -150,8 +150,11 @@ def bench_dlt(pool: Pool, n: int, work: Path, nesting: int | None) -> float | No
     name = f"bench_{uuid.uuid4().hex[:8]}"
     pipe = dlt.pipeline(pipeline_name=name, destination=dlt.destinations.duckdb(str(work / f"{name}.duckdb")),
                         dataset_name="calls", pipelines_dir=str(work / "dlt"))
-    kwargs = {} if nesting is None else {"max_table_nesting": nesting}
-    res = dlt.resource(rows, name="calls", primary_key="call_id", write_disposition="merge", **kwargs)
+    if nesting is None:
+        res = dlt.resource(rows, name="calls", primary_key="call_id", write_disposition="merge")
+    else:
+        res = dlt.resource(rows, name="calls", primary_key="call_id", write_disposition="merge",
+                           max_table_nesting=nesting)
     t0 = time.monotonic()
     pipe.run(res)
     return time.monotonic() - t0
