@@ -48,7 +48,8 @@ bench-streams: $(STAMP)
 	$(BIN)/python -m bench.streams
 
 bench-warehouse: $(STAMP)
-	$(BIN)/python -m bench.warehouse
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.warehouse $(BENCH_ARGS)
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache

@@ -164,7 +164,13 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
 @main.command()
 @click.option("--until-caught-up", is_flag=True, help="Load what the topics hold now, then exit (batch mode).")
 def sink(until_caught_up: bool) -> None:
-    """The warehouse loader: analyzed calls and chats into DuckDB and Parquet, exactly once."""
+    """The warehouse loader: analyzed calls and chats into DuckDB and Parquet, exactly once.
+
+    Loads <prefix>.call_analyzed and <prefix>.chat_analyzed into CALLSTREAM_WAREHOUSE (DuckDB) and
+    CALLSTREAM_PARQUET_DIR (hive-partitioned by day), and publishes consistent Parquet snapshots:
+    while it runs, read with `from warehouse.read import connect` (never the DuckDB file).
+    Unloadable records go to <prefix>.dead_letter with the reason.
+    """
     from warehouse.settings import SinkSettings
     from warehouse.sink import run_sink
 

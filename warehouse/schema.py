@@ -1,4 +1,10 @@
-"""The warehouse tables: DuckDB DDL and the matching Arrow schemas, defined once."""
+"""The warehouse tables: DuckDB DDL and the matching Arrow schemas, defined once.
+
+Every table has a `day` column (the UTC day of its call or chat). In DuckDB it is an ordinary
+column; in Parquet it is the hive partition (`<table>/day=YYYY-MM-DD/data.parquet`), so it is not
+stored inside the files. Child tables carry their parent's day, so one call's rows are always in
+the same day partition of every table.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
+
+from warehouse.db import run
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,27 +27,45 @@ class Column:
 class Table:
     name: str
     columns: tuple[Column, ...]
+    # The primary key: enforced by DuckDB for parents; for children, the sink's replace-with-the-
+    # parent rule keeps it unique (an index on millions of utterances would cost memory for nothing).
     key: tuple[str, ...]
     # Child tables are replaced together with their parent, matched on `parent_key`.
     parent_key: str
+    enforce_key: bool = True
 
     @property
     def arrow_schema(self) -> pa.Schema:
         return pa.schema([pa.field(c.name, c.arrow) for c in self.columns])
 
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
     def ddl(self) -> str:
-        cols = ",\n  ".join(f"{c.name} {c.sql}" for c in self.columns)
-        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols},\n  PRIMARY KEY ({', '.join(self.key)})\n)"
+        cols = ",\n  ".join(f"{c.name} {c.sql}" for c in (*self.columns, LOAD_SEQ))
+        pk = f",\n  PRIMARY KEY ({', '.join(self.key)})" if self.enforce_key else ""
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}{pk}\n)"
+
+    def empty_select(self) -> str:
+        """A typed, empty SELECT with this table's columns (a view before any data exists)."""
+        cols = ", ".join(f"CAST(NULL AS {c.sql.split()[0]}) AS {c.name}" for c in self.columns)
+        return f"SELECT {cols} WHERE false"
+
+
+_ARROW = {
+    "VARCHAR": pa.string(), "JSON": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(),
+    "DOUBLE": pa.float64(), "BOOLEAN": pa.bool_(), "TIMESTAMP": pa.timestamp("ms"), "DATE": pa.date32(),
+}
 
 
 def _c(name: str, sql: str) -> Column:
-    arrow = {
-        "VARCHAR": pa.string(), "JSON": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(),
-        "DOUBLE": pa.float64(), "BOOLEAN": pa.bool_(), "TIMESTAMPTZ": pa.timestamp("ms", tz="UTC"),
-        "TIMESTAMP": pa.timestamp("ms"),
-    }[sql.split()[0]]
-    return Column(name, sql, arrow)
+    return Column(name, sql, _ARROW[sql.split()[0]])
 
+
+# The batch that loaded a row (DuckDB only, not in Parquet): a publish writes the rows loaded since
+# the last one into a new Parquet part, and finds the part that holds a replaced row.
+LOAD_SEQ = Column("_load_seq", "BIGINT NOT NULL", pa.int64())
 
 # Common tail of every table: where the row came from, so any row can be traced to its message.
 _SOURCE = (
@@ -48,6 +74,7 @@ _SOURCE = (
     _c("kafka_offset", "BIGINT"),
     _c("loaded_at", "TIMESTAMP"),
 )
+_DAY = _c("day", "DATE NOT NULL")
 
 CALLS = Table(
     "calls",
@@ -55,6 +82,7 @@ CALLS = Table(
         _c("call_id", "VARCHAR NOT NULL"),
         _c("agent_id", "VARCHAR"),
         _c("agent_version", "BIGINT"),
+        _c("agent_name", "VARCHAR"),
         _c("call_type", "VARCHAR"),
         _c("direction", "VARCHAR"),
         _c("from_number", "VARCHAR"),
@@ -70,19 +98,132 @@ CALLS = Table(
         _c("call_summary", "VARCHAR"),
         _c("combined_cost", "DOUBLE"),
         _c("e2e_latency_p50", "DOUBLE"),
+        _c("e2e_latency_p90", "DOUBLE"),
+        _c("e2e_latency_p99", "DOUBLE"),
+        _c("transfer_destination", "VARCHAR"),
+        _c("transfer_end_timestamp", "TIMESTAMP"),
         _c("transcript", "VARCHAR"),
         _c("recording_url", "VARCHAR"),
         _c("metadata", "JSON"),
         _c("dynamic_variables", "JSON"),
+        _c("collected_dynamic_variables", "JSON"),
         _c("custom_analysis_data", "JSON"),
+        _c("call_cost", "JSON"),
+        _c("data_storage_setting", "VARCHAR"),
         _c("opted_out", "BOOLEAN"),
+        _c("utterance_count", "INTEGER"),
+        _c("tool_call_count", "INTEGER"),
+        _DAY,
         *_SOURCE,
     ),
     key=("call_id",),
     parent_key="call_id",
 )
 
-TABLES: tuple[Table, ...] = (CALLS,)
+CALL_UTTERANCES = Table(
+    "call_utterances",
+    (
+        _c("call_id", "VARCHAR NOT NULL"),
+        _c("turn", "INTEGER NOT NULL"),
+        _c("role", "VARCHAR"),
+        _c("content", "VARCHAR"),
+        _c("start_s", "DOUBLE"),
+        _c("end_s", "DOUBLE"),
+        # Everything else an entry of a role other than agent/user carries (dtmf digit, node ids...).
+        _c("detail", "JSON"),
+        _DAY,
+    ),
+    key=("call_id", "turn"),
+    parent_key="call_id",
+    enforce_key=False,
+)
+
+CALL_TOOL_CALLS = Table(
+    "call_tool_calls",
+    (
+        _c("call_id", "VARCHAR NOT NULL"),
+        _c("tool_call_id", "VARCHAR NOT NULL"),
+        _c("seq", "INTEGER"),
+        _c("name", "VARCHAR"),
+        _c("arguments", "VARCHAR"),
+        _c("result", "VARCHAR"),
+        _c("successful", "BOOLEAN"),
+        _DAY,
+    ),
+    key=("call_id", "tool_call_id"),
+    parent_key="call_id",
+    enforce_key=False,
+)
+
+CHATS = Table(
+    "chats",
+    (
+        _c("chat_id", "VARCHAR NOT NULL"),
+        _c("agent_id", "VARCHAR"),
+        _c("agent_version", "BIGINT"),
+        _c("chat_type", "VARCHAR"),
+        _c("chat_status", "VARCHAR"),
+        _c("start_timestamp", "TIMESTAMP"),
+        _c("end_timestamp", "TIMESTAMP"),
+        _c("duration_ms", "BIGINT"),
+        _c("chat_successful", "BOOLEAN"),
+        _c("user_sentiment", "VARCHAR"),
+        _c("chat_summary", "VARCHAR"),
+        _c("combined_cost", "DOUBLE"),
+        _c("transcript", "VARCHAR"),
+        _c("metadata", "JSON"),
+        _c("dynamic_variables", "JSON"),
+        _c("collected_dynamic_variables", "JSON"),
+        _c("custom_analysis_data", "JSON"),
+        _c("chat_cost", "JSON"),
+        _c("message_count", "INTEGER"),
+        _DAY,
+        *_SOURCE,
+    ),
+    key=("chat_id",),
+    parent_key="chat_id",
+)
+
+CHAT_MESSAGES = Table(
+    "chat_messages",
+    (
+        _c("chat_id", "VARCHAR NOT NULL"),
+        _c("turn", "INTEGER NOT NULL"),
+        _c("message_id", "VARCHAR"),
+        _c("role", "VARCHAR"),
+        _c("content", "VARCHAR"),
+        _c("created_at", "TIMESTAMP"),
+        _c("tool_call_id", "VARCHAR"),
+        _c("name", "VARCHAR"),
+        _c("successful", "BOOLEAN"),
+        _c("detail", "JSON"),
+        _DAY,
+    ),
+    key=("chat_id", "turn"),
+    parent_key="chat_id",
+    enforce_key=False,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A parent table and its children: loaded, replaced and published together."""
+
+    name: str
+    topic_suffix: str
+    parent: Table
+    children: tuple[Table, ...]
+
+    @property
+    def tables(self) -> tuple[Table, ...]:
+        return (self.parent, *self.children)
+
+
+CALL_FAMILY = Family("calls", "call_analyzed", CALLS, (CALL_UTTERANCES, CALL_TOOL_CALLS))
+CHAT_FAMILY = Family("chats", "chat_analyzed", CHATS, (CHAT_MESSAGES,))
+FAMILIES: tuple[Family, ...] = (CALL_FAMILY, CHAT_FAMILY)
+TABLES: tuple[Table, ...] = tuple(t for f in FAMILIES for t in f.tables)
+TABLES_BY_NAME: dict[str, Table] = {t.name: t for t in TABLES}
 
 OFFSETS_DDL = """
 CREATE TABLE IF NOT EXISTS _callstream_offsets (
@@ -94,10 +235,25 @@ CREATE TABLE IF NOT EXISTS _callstream_offsets (
 )
 """
 
+# Replaced rows whose Parquet part must be rewritten without them: (day, _load_seq of the old row),
+# written in the same transaction as the new rows, so a crash before the next publish loses nothing.
+DIRTY_DDL = """
+CREATE TABLE IF NOT EXISTS _callstream_dirty (
+  family VARCHAR NOT NULL,
+  day DATE NOT NULL,
+  part_seq BIGINT NOT NULL,
+  seq BIGINT NOT NULL
+)
+"""
+
 
 def create_all(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every table (idempotent)."""
-    con.execute("SET TimeZone = 'UTC'")
+    """Create every table and reporting view (idempotent)."""
+    from warehouse.views import create_views
+
+    run(con, "SET TimeZone = 'UTC'")
     for t in TABLES:
-        con.execute(t.ddl())
-    con.execute(OFFSETS_DDL)
+        run(con, t.ddl())
+    run(con, OFFSETS_DDL)
+    run(con, DIRTY_DDL)
+    create_views(con)

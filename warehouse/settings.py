@@ -8,6 +8,20 @@ from callstream.settings import CommonSettings
 class SinkSettings(CommonSettings):
     warehouse: str = "data/warehouse.duckdb"
     parquet_dir: str = "data/parquet"
+    # Kafka's committed offsets only show lag to operators; the sink resumes from DuckDB's.
     group_id: str = "callstream-warehouse"
+    # A batch is loaded when it has this many records or bytes, or is this old (rows are queryable
+    # in DuckDB within batch_max_seconds, and in Parquet after the next publish).
     batch_max_records: int = 2000
+    batch_max_bytes: int = 16 * 1024 * 1024
     batch_max_seconds: float = 1.0
+    # Parquet: the shortest pause between two publishes, and how long a superseded snapshot stays
+    # readable (a reader's connection sees one snapshot; reconnect for newer data within this time).
+    parquet_min_interval_seconds: float = 2.0
+    snapshot_retention_seconds: float = 600.0
+    parquet_compression: str = "zstd"
+    # DuckDB's own buffer limit; with the Kafka fetch queue this bounds the sink's memory.
+    duckdb_memory_limit: str = "128MB"
+    duckdb_threads: int = 2
+    # Kafka prefetch: big enough to hold the next batch while this one loads.
+    fetch_queue_kbytes: int = 65536

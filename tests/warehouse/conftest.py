@@ -1,0 +1,116 @@
+"""Fixtures of the warehouse tests: analyzed calls produced straight to the topics, and the sink as a process."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from callstream.catalogue import Header, topic
+from callstream.fakecalls import CallFactory, Fleet
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Sent:
+    """What a test produced: the latest version of every call and chat, and how many deliveries."""
+
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    chats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deliveries: int = 0
+
+    def utterances(self, call_id: str) -> int:
+        """Utterances of a call as sent (opted-out calls keep none)."""
+        c = self.calls[call_id]
+        if c.get("opt_out_sensitive_data_storage") or c.get("data_storage_setting") == "basic_attributes_only":
+            return 0
+        return sum(1 for u in c.get("transcript_object") or [])
+
+    def total_utterances(self) -> int:
+        return sum(self.utterances(cid) for cid in self.calls)
+
+
+class TrafficProducer:
+    """Produces analyzed calls and chats as the gateway would: key, body byte for byte, headers."""
+
+    def __init__(self, bootstrap: str, prefix: str, seed: int = 1, turns: tuple[int, int] = (10, 24)) -> None:
+        self.prefix = prefix
+        self.factory = CallFactory(Fleet(seed=seed, agents=4), seed=seed, turns=turns)
+        self.rng = random.Random(seed)
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
+                                  "enable.idempotence": True})
+        self.sent = Sent()
+
+    def send_raw(self, event: str, key: str, body: bytes) -> None:
+        self.producer.produce(topic(self.prefix, event), key=key.encode(), value=body,
+                              headers=[(Header.EVENT, event.encode()),
+                                       (Header.RECEIVED_AT, str(int(time.time() * 1000)).encode())])
+        self.producer.poll(0)
+        self.sent.deliveries += 1
+
+    def send(self, n: int, duplicates: float = 0.0, scenario: str | None = None, **overrides: Any) -> list[str]:
+        """`n` analyzed calls or chats; a share `duplicates` of them delivered twice. Returns their ids."""
+        ids = []
+        for _ in range(n):
+            ev = self.factory.events(scenario, **overrides)[-1]
+            obj = ev.payload.get("call") or ev.payload["chat"]
+            (self.sent.calls if "call" in ev.payload else self.sent.chats)[ev.key] = obj
+            body = ev.body()
+            self.send_raw(ev.event, ev.key, body)
+            if self.rng.random() < duplicates:
+                self.send_raw(ev.event, ev.key, body)
+            ids.append(ev.key)
+        return ids
+
+    def flush(self) -> None:
+        assert self.producer.flush(60) == 0, "the broker did not acknowledge every message"
+
+
+@pytest.fixture
+def traffic(kafka_bootstrap: str, topics: str) -> Iterator[Callable[..., TrafficProducer]]:
+    made: list[TrafficProducer] = []
+
+    def make(seed: int = 1, turns: tuple[int, int] = (10, 24)) -> TrafficProducer:
+        p = TrafficProducer(kafka_bootstrap, topics, seed=seed, turns=turns)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.producer.flush(10)
+
+
+@pytest.fixture
+def sink_env() -> dict[str, str]:
+    """Settings that make the sink publish Parquet often, so tests see many publishes."""
+    return {"CALLSTREAM_PARQUET_MIN_INTERVAL_SECONDS": "0.3", "CALLSTREAM_BATCH_MAX_SECONDS": "0.3"}
+
+
+@pytest.fixture
+def run_sink_once(service_env: dict[str, str], sink_env: dict[str, str], tmp_path: Path) -> Callable[..., str]:
+    """`callstream sink --until-caught-up` as a process, to completion; returns its output."""
+
+    def run(**env: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "callstream", "sink", "--until-caught-up"],
+            env={**service_env, **sink_env, **env}, cwd=tmp_path, capture_output=True, timeout=240,
+        )
+        out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+        assert proc.returncode == 0, out[-4000:]
+        return out
+
+    return run
+
+
+@pytest.fixture
+def warehouse_paths(service_env: dict[str, str]) -> tuple[Path, Path]:
+    return Path(service_env["CALLSTREAM_WAREHOUSE"]), Path(service_env["CALLSTREAM_PARQUET_DIR"])

@@ -1,0 +1,22 @@
+"""Running statements on a DuckDB connection.
+
+DuckDB 2 refuses new work on a connection whose last result was not read to the end, and INSERT,
+DELETE and COPY return a row count, so every statement here is read to completion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+
+
+def run(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    """Execute one statement and return all its rows."""
+    return con.execute(query, params).fetchall() if params is not None else con.execute(query).fetchall()
+
+
+def scalar(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None = None) -> Any:
+    """The first column of the first row of one statement (None if it returns no row)."""
+    rows = run(con, query, params)
+    return rows[0][0] if rows else None
