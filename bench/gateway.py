@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import re
 import shutil
 import signal
@@ -35,6 +34,7 @@ import httpx
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.openloop import run as open_loop
+from bench.report import RESULTS, machine, write_section
 from callstream.catalogue import all_topics
 from callstream.fakecalls import CallFactory, Event, Fleet
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
@@ -44,7 +44,6 @@ from gateway.signature import sign
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "gateway"
-RESULTS = REPO / "bench" / "RESULTS.md"
 WRK_LUA = """-- Cycles pre-signed requests: one line per request, "<x-retell-signature>\\t<body>".
 local reqs = {}
 for line in io.lines(os.getenv("BENCH_REQUESTS")) do
@@ -282,30 +281,6 @@ def topic_total(bootstrap: str, prefix: str) -> int:
 # -- report -------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {ram:.0f} GiB RAM, {platform.system()} {platform.release()}"
-
-
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = old.find("\n## Gateway")
-    if start == -1:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + 1)
-        new = old[:start].rstrip("\n") + "\n\n" + text + (old[nxt:] if nxt != -1 else "")
-    RESULTS.write_text(new.rstrip("\n") + "\n")
-
-
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -473,7 +448,7 @@ def main() -> None:
     ])
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section("gateway", section)
         say(f"wrote the Gateway section of {RESULTS.relative_to(REPO)}")
     if on_topics < acked:
         sys.exit("some deliveries answered 204 are not on their topics")

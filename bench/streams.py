@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import secrets
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from bench.report import machine, write_section
 from callstream.catalogue import EVENT_NAMES, Header, topic
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
@@ -34,23 +34,6 @@ from streams.metrics import ALL
 from streams.processor import DictStore, In, Processor
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "RESULTS.md"
-START, END = "<!-- streams:start -->", "<!-- streams:end -->"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
-        ram = f"{mem / 1024 / 1024:.0f} GiB"
-    except (OSError, StopIteration):
-        ram = "?"
-    return f"{os.cpu_count()} cores ({cpu}), {ram} RAM, {platform.system()} {platform.release()}"
 
 
 def prefill(bootstrap: str, prefix: str, events: int) -> tuple[int, int]:
@@ -232,17 +215,6 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def write_results(table: str) -> None:
-    section = f"{START}\n## Streams\n\n{table}\n{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        a, b = text.index(START), text.index(END) + len(END)
-        text = text[:a] + section + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000, help="events pre-filled for the throughput run")
@@ -288,7 +260,7 @@ def main() -> None:
         f"| 204 at gateway -> JSON API shows it, p95 | {1000 * pct(samples, 0.95):.0f} ms |\n"
     )
     print(table)
-    write_results(table)
+    write_section("streams", f"## Streams\n\n{table}")
 
 
 if __name__ == "__main__":

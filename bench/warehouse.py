@@ -15,10 +15,7 @@ Prints a markdown table and replaces the warehouse section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -33,6 +30,7 @@ import duckdb
 import orjson
 from confluent_kafka import Producer
 
+from bench.report import machine, write_section
 from callstream.catalogue import Header, topic
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.topics import ensure_topics
@@ -41,8 +39,6 @@ from warehouse.records import FamilyBatch, Source
 from warehouse.schema import CALL_FAMILY, create_all
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "RESULTS.md"
-START, END = "<!-- bench:warehouse:start -->", "<!-- bench:warehouse:end -->"
 
 
 class Pool:
@@ -61,19 +57,6 @@ class Pool:
         body, old = self.bodies[i % len(self.bodies)]
         new = f"call_{i:0{len(old) - 5}d}".encode()
         return body.replace(old, new), new
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
-        ram = f"{kb / 1024 / 1024:.0f} GiB RAM"
-    except (OSError, AttributeError):
-        ram = "unknown RAM"
-    return f"{os.cpu_count()} cores (nproc), {cpu}, {ram}, Python {platform.python_version()}, DuckDB {duckdb.__version__}"
 
 
 def produce(bootstrap: str, prefix: str, pool: Pool, n: int) -> float:
@@ -160,16 +143,6 @@ def bench_dlt(pool: Pool, n: int, work: Path, nesting: int | None) -> float | No
     return time.monotonic() - t0
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=100_000, help="analyzed calls for the sink and the ceiling")
@@ -214,7 +187,7 @@ def main() -> None:
         lines = [
             "## Warehouse",
             "",
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}. "
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}, DuckDB {duckdb.__version__}. "
             f"Other work shared the machine (load average {os.getloadavg()[0]:.1f} at the end), so treat "
             "wall-clock numbers as a floor; CPU seconds depend less on the neighbours.",
             "",
@@ -237,7 +210,7 @@ def main() -> None:
         section = "\n".join(lines)
         print(section)
         if not args.no_write:
-            write_results(section)
+            write_section("warehouse", section)
     finally:
         if broker is not None:
             broker.stop()
