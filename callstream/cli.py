@@ -158,7 +158,11 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
     except CallstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"worker: dashboard http://{cfg.web_host}:{cfg.web_port}/ ; kafka {cfg.kafka_bootstrap}", err=True)
-    Worker(app, loglevel=ctx.obj["log_level"].upper(), quiet=True).execute_from_commandline()
+    worker = Worker(app, loglevel=ctx.obj["log_level"].upper(), quiet=True)
+    # Faust's terminal spinner, at WARNING and above, sets the root logger to DEBUG so that every
+    # record spins it: every library's debug record would then be built (a per-message cost).
+    worker.spinner = None
+    worker.execute_from_commandline()
 
 
 @main.command()

@@ -62,7 +62,9 @@ class Subject(msgspec.Struct):
     call_status: str | None = None
     disconnection_reason: str | None = None
     duration_ms: float | None = None
-    transcript: str | None = None
+    # Only its length matters (a growing transcript is news): kept as the raw JSON slice, so the
+    # largest string of the body is never decoded.
+    transcript: msgspec.Raw = msgspec.Raw(b"null")
     call_cost: _Cost | None = None
     chat_cost: _Cost | None = None
     latency: _Latency | None = None
@@ -119,7 +121,8 @@ def apply_event(
         st.agent = subject.agent_id
 
     if event == "transcript_updated":
-        n = len(subject.transcript or "")
+        raw = subject.transcript
+        n = 0 if bytes(raw) == b"null" else len(raw)
         if n > st.transcript_len:  # a repeat of a snapshot we already counted is not news
             st.transcript_len = n
             fx.inc("event:transcript_updated")

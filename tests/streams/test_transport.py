@@ -1,0 +1,98 @@
+"""The worker's cheaper message hand-off gives the same results as mode's `wait_first`."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import warnings
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from mode import Service
+
+from streams.transport import FastWaitFirst, LeanMonitor
+
+
+def sync(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    @functools.wraps(test)
+    def run() -> None:
+        asyncio.run(asyncio.wait_for(test(), 10))
+
+    return run
+
+
+class Waiter(FastWaitFirst, Service):
+    pass
+
+
+class Plain(Service):
+    pass
+
+
+async def _done(value: int) -> int:
+    return value
+
+
+async def _after(fut: asyncio.Future[int], bump: int) -> int:
+    return await fut + bump
+
+
+async def _fails_after(fut: asyncio.Future[int]) -> int:
+    await fut
+    raise ValueError("boom")
+
+
+@sync
+async def test_a_handoff_that_never_suspends_returns_at_once_and_closes_the_rest() -> None:
+    s, flow = Waiter(), asyncio.Event()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "coroutine was never awaited" warning would fail here
+        res = await s.wait_first(_done(7), flow.wait())
+    assert (res.results, res.stopped) == ([7], False)
+
+
+@sync
+async def test_a_handoff_that_suspends_finishes_through_the_usual_wait() -> None:
+    s = Waiter()
+    fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_later(0.01, fut.set_result, 40)
+    res = await s.wait_first(_after(fut, 2), asyncio.Event().wait())
+    assert 42 in res.results and not res.stopped
+
+
+@sync
+async def test_an_error_after_suspending_propagates_as_in_mode() -> None:
+    fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_later(0.01, fut.set_result, 1)
+    with pytest.raises(ValueError, match="boom"):
+        await Waiter().wait_first(_fails_after(fut), asyncio.Event().wait())
+
+
+@sync
+async def test_a_suspended_handoff_is_released_by_the_flow_event_like_mode() -> None:
+    """A rebalance sets the flow event while a hand-off is blocked: both waits return, unfinished."""
+    results = []
+    for cls in (Waiter, Plain):
+        blocker: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        flow = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.01, flow.set)
+        res = await cls().wait_first(_after(blocker, 0), flow.wait())
+        results.append((res.results, res.stopped))
+        blocker.cancel()
+    assert results[0] == results[1] == ([True], False)
+
+
+@sync
+async def test_a_stopped_service_takes_modes_path() -> None:
+    s = Waiter()
+    s._stopped.set()
+    res = await s.wait_first(_done(1), asyncio.Event().wait())
+    assert res.stopped
+
+
+def test_the_lean_monitor_skips_per_message_statistics() -> None:
+    m = LeanMonitor()
+    assert m.on_stream_event_in(None, 0, None, None) is None
+    m.on_message_in(None, 0, None)
+    assert m.messages_received_total == 0
