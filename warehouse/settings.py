@@ -23,5 +23,5 @@ class SinkSettings(CommonSettings):
     # DuckDB's own buffer limit; with the Kafka fetch queue this bounds the sink's memory.
     duckdb_memory_limit: str = "128MB"
     duckdb_threads: int = 2
-    # Kafka prefetch: big enough to hold the next batch while this one loads.
-    fetch_queue_kbytes: int = 65536
+    # Kafka prefetch; the consuming thread never stops for the writer long, so a fraction of a batch will do.
+    fetch_queue_kbytes: int = 16384
