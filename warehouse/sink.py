@@ -212,7 +212,7 @@ class Sink:
         tables = {t: b.tables() for t, b in pending.batches.items() if len(b)}
         return _Batch(tables, pending.next_offsets, pending.records)
 
-    def write(self, batch: _Batch) -> int:
+    def _write(self, batch: _Batch) -> int:
         """Write one batch and its offsets in one transaction; return the rows written."""
         if self.publisher.error is not None:
             raise WarehouseError(f"publishing Parquet failed: {self.publisher.error}") from self.publisher.error
@@ -226,10 +226,11 @@ class Sink:
             done = self.publisher.done_seq
             if done > self._cleaned_seq:
                 run(con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
-            con.executemany(
-                "INSERT OR REPLACE INTO _callstream_offsets VALUES (?, ?, ?, ?)",
-                [(t, p, o, datetime.now(UTC).replace(tzinfo=None)) for (t, p), o in batch.next_offsets.items()],
-            )
+            if batch.next_offsets:  # one statement: executemany costs a round trip (and the GIL) per row
+                now = datetime.now(UTC).replace(tzinfo=None)
+                run(con, "INSERT OR REPLACE INTO _callstream_offsets VALUES "
+                         + ", ".join(["(?, ?, ?, ?)"] * len(batch.next_offsets)),
+                    [v for (t, p), o in batch.next_offsets.items() for v in (t, p, o, now)])
             run(con, "COMMIT")
         except BaseException:
             run(con, "ROLLBACK")
@@ -259,7 +260,7 @@ class Sink:
                     continue
                 if batch is None:
                     return
-                self.write(batch)
+                self._write(batch)
         except BaseException as exc:  # the reader checks `_writer_error` and stops with it
             log.exception("writing a batch failed")
             self._writer_error = exc
@@ -332,34 +333,34 @@ class Sink:
             self.publisher.start()
             writer.start()
             self.say(f"sink: loading {', '.join(self.topics)} into {self.cfg.warehouse} and {self.cfg.parquet_dir}")
-            pending = _Pending(self.families, self.cfg.batch_max_seconds)
+            pending: _Pending | None = None
             while not self._stop.is_set():
                 self._check_writer()
-                want = max(1, min(500, self.cfg.batch_max_records - pending.records))
+                want = max(1, min(500, self.cfg.batch_max_records - (pending.records if pending else 0)))
                 # consume() waits for `want` messages until the timeout: take what is there at once,
                 # and wait only when there is nothing at all.
                 got = self.consumer.consume(num_messages=want, timeout=0)
                 if not got:
-                    wait = min(0.02, max(0.0, pending.deadline - time.monotonic())) if pending.records else 0.2
+                    wait = 0.2 if pending is None else min(0.02, max(0.0, pending.deadline - time.monotonic()))
                     got = self.consumer.consume(num_messages=want, timeout=wait)
                 for msg in got:
                     err = msg.error()
                     if err is None:
-                        if not pending.records:
+                        if pending is None:
                             pending = _Pending(self.families, self.cfg.batch_max_seconds)
                         self._add(pending, msg)
                     elif err.code() != KafkaError._PARTITION_EOF:
                         log.error("consumer error: %s", err)
-                del got
+                del got  # the messages' buffers go back to librdkafka now, not after the next consume
                 if until_caught_up and self.consumed_all():
                     break  # the writer still commits what is read; the last batch need not wait for its deadline
-                full = pending.records >= self.cfg.batch_max_records or pending.bytes >= self.cfg.batch_max_bytes
-                if pending.records and (full or time.monotonic() >= pending.deadline):
+                if pending is not None and (pending.records >= self.cfg.batch_max_records
+                                            or pending.bytes >= self.cfg.batch_max_bytes
+                                            or time.monotonic() >= pending.deadline):
                     self._hand_over(self._close_batch(pending))
-                    pending = _Pending(self.families, self.cfg.batch_max_seconds)
-                elif not pending.records:
-                    self._commit_to_kafka()
-            if pending.records:
+                    pending = None
+                self._commit_to_kafka()
+            if pending is not None:
                 self._hand_over(self._close_batch(pending))
             self._hand_over(None)
             writer.join()
