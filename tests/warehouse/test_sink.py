@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,3 +176,24 @@ def test_a_call_is_readable_while_the_sink_runs(traffic, start_service, sink_env
         time.sleep(0.2)
     assert seen == (cid, p.sent.utterances(cid))
     assert sink.stop() == 0, sink.output()[-3000:]
+
+
+def test_a_batch_the_writer_cannot_commit_stops_the_sink_and_stores_nothing(traffic, service_env, sink_env,
+                                                                            warehouse_paths, tmp_path):
+    # The writer thread commits while the consuming thread decodes ahead: its failure must end the
+    # process with the reason, not leave it waiting, and its transaction must leave nothing behind.
+    db, _ = warehouse_paths
+    with duckdb.connect(str(db)) as con:  # a file whose call_utterances predates the `detail` column
+        con.execute("CREATE TABLE call_utterances (call_id VARCHAR NOT NULL, turn INTEGER NOT NULL, role VARCHAR, "
+                    "content VARCHAR, start_s DOUBLE, end_s DOUBLE, day DATE NOT NULL, _load_seq BIGINT NOT NULL)")
+    p = traffic(seed=15, turns=(3, 5))
+    p.send(50, scenario="completed")
+    p.flush()
+    proc = subprocess.run([sys.executable, "-m", "callstream", "sink", "--until-caught-up"],
+                          env={**service_env, **sink_env}, cwd=tmp_path, capture_output=True, timeout=120)
+    out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0, out[-3000:]
+    assert f"writing to {db} failed" in out and "call_utterances" in out, out[-3000:]
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM calls").fetchall() == [(0,)]
+        assert con.execute("SELECT count(*) FROM _callstream_offsets").fetchall() == [(0,)]
