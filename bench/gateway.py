@@ -267,16 +267,19 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)] if m else float("nan")
 
 
-def best_wrk(repeat: int, *args: Any) -> WrkResult:
-    """The best of `repeat` wrk runs: on a shared machine the best run is the one least disturbed."""
-    return max((run_wrk(*args) for _ in range(max(1, repeat))), key=lambda r: r.rps)
+def measured_wrk(repeat: int, server: Server, *args: Any) -> list[tuple[WrkResult, float]]:
+    """`repeat` wrk runs, each with the server's CPU microseconds per request during it. On a shared
+    machine the best run is the one least disturbed: callers report the one with the highest req/s."""
+    runs = []
+    for _ in range(max(1, repeat)):
+        c0 = cpu_s(server)
+        r = run_wrk(*args)
+        runs.append((r, 1e6 * (cpu_s(server) - c0) / max(1, r.requests)))
+    return runs
 
 
-def measured_wrk(server: Server, *args: Any) -> tuple[WrkResult, float]:
-    """A wrk run and the server's CPU microseconds per request during it."""
-    c0 = cpu_s(server)
-    r = run_wrk(*args)
-    return r, 1e6 * (cpu_s(server) - c0) / max(1, r.requests)
+def _fastest(runs: list[tuple[WrkResult, float]]) -> tuple[WrkResult, float]:
+    return max(runs, key=lambda x: x[0].rps)
 
 
 def run_wrk(wrk: str, url: str, requests: Path, seconds: float, connections: int, threads: int) -> WrkResult:
@@ -387,10 +390,9 @@ def main() -> None:
             try:
                 for kind, ps in payloads.items():
                     say(f"ceiling, {workers} process(es), {kind}: wrk {args.seconds:.0f}s ...")
-                    ceil[kind] = max((measured_wrk(srv, wrk, srv.url + "/webhook",
-                                                   write_requests(OUT / "req.tsv", ps, key), args.seconds,
-                                                   args.connections, args.threads)
-                                      for _ in range(max(1, args.repeat))), key=lambda x: x[0].rps)
+                    ceil[kind] = _fastest(measured_wrk(args.repeat, srv, wrk, srv.url + "/webhook",
+                                                       write_requests(OUT / "req.tsv", ps, key), args.seconds,
+                                                       args.connections, args.threads))
             finally:
                 srv.stop()
             variants = [True, False] if args.compare_fastapi and workers == 1 else [True]
@@ -400,11 +402,11 @@ def main() -> None:
                 try:
                     for kind, ps in payloads.items():
                         say(f"{label}, {workers} process(es), {kind}: wrk {args.seconds:.0f}s ...")
-                        runs = [measured_wrk(gw, wrk, gw.url + "/webhook", write_requests(OUT / "req.tsv", ps, key),
-                                             args.seconds, args.connections, args.threads)
-                                for _ in range(max(1, args.repeat))]
+                        runs = measured_wrk(args.repeat, gw, wrk, gw.url + "/webhook",
+                                            write_requests(OUT / "req.tsv", ps, key), args.seconds,
+                                            args.connections, args.threads)
                         acked += sum(x.requests - x.non_2xx for x, _ in runs)
-                        r, r_us = max(runs, key=lambda x: x[0].rps)
+                        r, r_us = _fastest(runs)
                         c, c_us = ceil[kind]
                         if fast:
                             cpu[(workers, kind)] = (r_us, c_us)

@@ -214,8 +214,7 @@ class Sink:
 
     def _write(self, batch: _Batch) -> int:
         """Write one batch and its offsets in one transaction; return the rows written."""
-        if self.publisher.error is not None:
-            raise WarehouseError(f"publishing Parquet failed: {self.publisher.error}") from self.publisher.error
+        self._check_publisher()
         self._seq += 1
         con = self.con
         rows = 0
@@ -268,6 +267,9 @@ class Sink:
     def _check_writer(self) -> None:
         if self._writer_error is not None:
             raise WarehouseError(f"writing to {self.cfg.warehouse} failed: {self._writer_error}") from self._writer_error
+        self._check_publisher()
+
+    def _check_publisher(self) -> None:
         if self.publisher.error is not None:
             raise WarehouseError(f"publishing Parquet failed: {self.publisher.error}") from self.publisher.error
 

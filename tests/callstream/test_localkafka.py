@@ -50,12 +50,17 @@ def test_start_is_idempotent_and_stop_leaves_no_java(tmp_path: Path):
     assert _cli("status", home=tmp_path, port=port).returncode == 1
 
 
-def test_start_says_what_to_do_without_java(tmp_path: Path):
-    env = {**os.environ, "PATH": str(tmp_path), "CALLSTREAM_KAFKA_HOME": str(tmp_path / "k"),
+def _start_with_path(tmp_path: Path, path: Path) -> subprocess.CompletedProcess[str]:
+    """`callstream kafka start` with only `path` on PATH and an empty jar cache."""
+    env = {**os.environ, "PATH": str(path), "CALLSTREAM_KAFKA_HOME": str(tmp_path / "k"),
            "CALLSTREAM_KAFKA_CACHE": str(tmp_path / "empty-cache"),
            "CALLSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
-    r = subprocess.run([sys.executable, "-m", "callstream", "kafka", "start"], env=env,
-                       capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "callstream", "kafka", "start"], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_start_says_what_to_do_without_java(tmp_path: Path):
+    r = _start_with_path(tmp_path, tmp_path)
     assert r.returncode != 0
     assert "java" in r.stderr and "docker compose up -d kafka" in r.stderr
 
@@ -70,10 +75,6 @@ def test_start_says_what_to_do_without_maven(tmp_path: Path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "java").symlink_to(shutil.which("java"))
-    env = {**os.environ, "PATH": str(bin_dir), "CALLSTREAM_KAFKA_HOME": str(tmp_path / "k"),
-           "CALLSTREAM_KAFKA_CACHE": str(tmp_path / "empty-cache"),
-           "CALLSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
-    r = subprocess.run([sys.executable, "-m", "callstream", "kafka", "start"], env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = _start_with_path(tmp_path, bin_dir)
     assert r.returncode != 0
     assert "mvn" in r.stderr and "Maven" in r.stderr and "docker compose up -d kafka" in r.stderr
