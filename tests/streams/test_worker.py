@@ -79,7 +79,19 @@ def metrics(worker) -> dict:
 
 
 def wait_metrics(worker, ok: Callable[[dict], bool], timeout: float = 120) -> dict:
-    r = worker.wait_http("/api/metrics?minutes=60", timeout=timeout, ok=lambda r: r.status_code == 200 and ok(r.json()))
+    last: list[dict] = []
+
+    def check(r: httpx.Response) -> bool:
+        if r.status_code != 200:
+            return False
+        last[:] = [r.json()]
+        return ok(last[0])
+
+    try:
+        r = worker.wait_http("/api/metrics?minutes=60", timeout=timeout, ok=check)
+    except AssertionError as exc:  # say what the API showed last, not only the log
+        shown = {k: v for k, v in last[0].items() if k != "agents"} if last else None
+        raise AssertionError(f"{exc}\nlast /api/metrics: {shown}") from None
     return r.json()
 
 
