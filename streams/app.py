@@ -113,7 +113,11 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=cfg.batch_size * 4,
-        stream_wait_empty=False,
+        # On a rebalance Faust must wait for the batch the agent holds before it recovers the
+        # table: recovery replays the changelog into the same in-memory table, and a batch
+        # processed during the replay has its writes overwritten by older values while its
+        # offsets are still committed, so its events are lost from the live totals.
+        stream_wait_empty=True,
         broker_commit_every=cfg.batch_size * 4,
         web_router_enabled=True,
         # Every batch writes its calls' states to the changelog: let the producer batch them.

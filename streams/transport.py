@@ -12,12 +12,13 @@ behaviour is unchanged.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Coroutine, Generator
-from typing import Any
+from collections.abc import Coroutine, Generator, Mapping
+from typing import Any, cast
 
 import faust
 from faust.sensors import Monitor
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from mode.services import Service, WaitArgT, WaitResults
 
 
@@ -65,7 +66,25 @@ class FastWaitFirst(Service):
 
 
 class Consumer(FastWaitFirst, faust_aiokafka.Consumer):
-    pass
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """Seek to the committed offsets, and partitions with none (or 0) to their beginning.
+
+        aiokafka seeks only partitions whose committed offset is above 0 and leaves the others
+        where the fetcher is. After a rebalance Faust resumes the partitions, then seeks, then
+        resumes the flow, which drops what was fetched meanwhile: a partition without a commit
+        (a worker killed before its first commit of it) was then read on from there, and the
+        events fetched in between were never processed. From the beginning, the ones already
+        counted are recognised by the calls' states.
+        """
+        committed = await super().seek_to_committed()
+        changelogs = self.app.tables.changelog_topics
+        fresh = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
+        if fresh:
+            # The aiokafka consumer lives on Faust's consumer thread: call it there.
+            thread = cast(faust_aiokafka.AIOKafkaConsumerThread, self._thread)
+            await thread.call_thread(thread._ensure_consumer().seek_to_beginning,
+                                     *(faust_aiokafka.ensure_aiokafka_TP(tp) for tp in fresh))
+        return committed
 
 
 class LeanMonitor(Monitor):

@@ -1,4 +1,5 @@
-"""The worker's cheaper message hand-off gives the same results as mode's `wait_first`."""
+"""The worker's transport: the cheaper message hand-off gives the same results as mode's
+`wait_first`, and partitions without a committed offset are read from their beginning."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+from faust.types import TP
 from mode import Service
 
+from streams.app import create_app
+from streams.settings import WorkerSettings
 from streams.transport import FastWaitFirst, LeanMonitor
 
 
@@ -96,3 +100,41 @@ def test_the_lean_monitor_skips_per_message_statistics() -> None:
     assert m.on_stream_event_in(None, 0, None, None) is None
     m.on_message_in(None, 0, None)
     assert m.messages_received_total == 0
+
+
+class FakeKafkaThread:
+    """Faust's consumer thread, as far as seeking goes: committed offsets in, seeks recorded."""
+
+    def __init__(self, committed: dict[TP, int | None]) -> None:
+        self.committed = committed
+        self.to_beginning: list[Any] = []
+
+    async def seek_to_committed(self) -> dict[TP, int | None]:
+        return self.committed
+
+    async def call_thread(self, fun: Callable[..., Any], *args: Any) -> Any:
+        return await fun(*args)
+
+    def _ensure_consumer(self) -> FakeKafkaThread:
+        return self
+
+    async def seek_to_beginning(self, *tps: Any) -> None:
+        self.to_beginning.extend((tp.topic, tp.partition) for tp in tps)
+
+
+@sync
+async def test_partitions_without_a_committed_offset_are_read_from_their_beginning() -> None:
+    app = create_app(WorkerSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="tseek"))
+    app.finalize()
+    changelog = next(iter(app.tables.changelog_topics))
+    committed: dict[TP, int | None] = {
+        TP("tseek.call_started", 0): 12,  # aiokafka seeks this one itself
+        TP("tseek.call_started", 1): None,  # never committed: a worker died before its first commit
+        TP("tseek.call_ended", 2): 0,
+        TP(changelog, 0): None,  # Faust's recovery positions the changelog, not the committed offsets
+    }
+    fake = FakeKafkaThread(committed)
+    consumer = app.consumer
+    consumer._thread = fake  # type: ignore[attr-defined]
+    assert await consumer.seek_to_committed() == committed
+    assert sorted(fake.to_beginning) == [("tseek.call_ended", 2), ("tseek.call_started", 1)]
