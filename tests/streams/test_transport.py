@@ -138,3 +138,17 @@ async def test_partitions_without_a_committed_offset_are_read_from_their_beginni
     consumer._thread = fake  # type: ignore[attr-defined]
     assert await consumer.seek_to_committed() == committed
     assert sorted(fake.to_beginning) == [("tseek.call_ended", 2), ("tseek.call_started", 1)]
+
+
+@sync
+async def test_resuming_the_flow_keeps_queued_messages_but_empties_the_changelog_queue() -> None:
+    app = create_app(WorkerSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="tflow"))
+    app.finalize()
+    channel_queue = app.FlowControlQueue(maxsize=10, clear_on_resume=True)  # as Faust's channels ask
+    changelog_queue = app.tables.changelog_queue
+    channel_queue.put_nowait("fetched after the seek")
+    changelog_queue.put_nowait("an old changelog event")
+    app.flow_control.suspend()
+    app.flow_control.resume()
+    assert channel_queue.qsize() == 1
+    assert changelog_queue.qsize() == 0
