@@ -30,18 +30,17 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import duckdb
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 
-from callstream.catalogue import DEAD_LETTER, Header, topic
+from callstream.catalogue import Header, topic
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.topics import ensure_topics
+from tests.warehouse.audit import TopicLog, audit, stored_offsets
 
 REPO = Path(__file__).resolve().parents[1]
-CALLS, CHATS = "call_analyzed", "chat_analyzed"
 
 
 class Traffic:
@@ -101,107 +100,8 @@ class Traffic:
             self.done.set()
 
 
-class TopicLog:
-    """Everything in the run's topics, read by a consumer of our own: (topic, partition) -> [(offset, key)]."""
-
-    def __init__(self, bootstrap: str, prefix: str) -> None:
-        self.topics = {t: topic(prefix, t) for t in (CALLS, CHATS, DEAD_LETTER)}
-        self.c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"crashes-{uuid.uuid4().hex}",
-                           "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-        meta = self.c.list_topics(timeout=15)
-        self.c.assign([TopicPartition(t, p, 0) for t in self.topics.values() for p in meta.topics[t].partitions])
-        self.log: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
-        self.dead: list[str] = []
-
-    def read_until(self, offsets: dict[tuple[str, int], int], timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while any(self._next(tp) < o for tp, o in offsets.items()):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"could not read the topics up to {offsets}")
-            self.poll(0.2)
-
-    def _next(self, tp: tuple[str, int]) -> int:
-        entries = self.log.get(tp)
-        return entries[-1][0] + 1 if entries else 0
-
-    def poll(self, timeout: float) -> None:
-        for m in self.c.consume(500, timeout=timeout):
-            if m.error() is not None:
-                continue
-            if m.topic() == self.topics[DEAD_LETTER]:
-                reason = dict(m.headers() or []).get(Header.REASON, b"?")
-                self.dead.append(f"{m.key()!r}: {reason!r}")
-                continue
-            tp = (str(m.topic()), int(m.partition() or 0))
-            assert m.offset() == self._next(tp), f"gap in {tp}: {m.offset()} after {self._next(tp)}"
-            self.log[tp].append((int(m.offset() or 0), (m.key() or b"").decode()))
-
-    def expected(self, t: str, offsets: dict[tuple[str, int], int]) -> dict[tuple[int, str], int]:
-        """(partition, key) -> offset of the key's last delivery below the stored offset."""
-        want: dict[tuple[int, str], int] = {}
-        name = self.topics[t]
-        for (tname, p), next_offset in offsets.items():
-            if tname != name:
-                continue
-            for o, key in self.log.get((tname, p), []):
-                if o < next_offset:
-                    want[(p, key)] = o
-        return want
-
-
-def check(db: Path, log: TopicLog) -> list[str]:
-    """What is wrong with the database, measured against the topics (empty: nothing)."""
-    if not db.exists():  # killed before it was created
-        log.poll(0.05)
-        return [f"{len(log.dead)} dead letters: {log.dead[:5]}"] if log.dead else []
-    with duckdb.connect(str(db), read_only=True) as con:
-        offsets = {(t, p): o for t, p, o in con.execute(
-            "SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall()}
-        got = {
-            CALLS: {(p, k): o for k, p, o in con.execute("SELECT call_id, kafka_partition, kafka_offset FROM calls").fetchall()},
-            CHATS: {(p, k): o for k, p, o in con.execute("SELECT chat_id, kafka_partition, kafka_offset FROM chats").fetchall()},
-        }
-        counts = {
-            CALLS: con.execute("SELECT count(*), count(DISTINCT call_id) FROM calls").fetchone(),
-            CHATS: con.execute("SELECT count(*), count(DISTINCT chat_id) FROM chats").fetchone(),
-        }
-        children = con.execute("""
-            SELECT 'utterances of ' || c.call_id FROM calls c LEFT JOIN (SELECT call_id, count(*) n FROM call_utterances GROUP BY ALL) u USING (call_id)
-              WHERE c.utterance_count <> coalesce(u.n, 0)
-            UNION ALL
-            SELECT 'tool calls of ' || c.call_id FROM calls c LEFT JOIN (SELECT call_id, count(*) n FROM call_tool_calls GROUP BY ALL) u USING (call_id)
-              WHERE c.tool_call_count <> coalesce(u.n, 0)
-            UNION ALL
-            SELECT 'messages of ' || c.chat_id FROM chats c LEFT JOIN (SELECT chat_id, count(*) n FROM chat_messages GROUP BY ALL) m USING (chat_id)
-              WHERE c.message_count <> coalesce(m.n, 0)
-            UNION ALL
-            SELECT 'orphan utterances of ' || call_id FROM call_utterances ANTI JOIN calls USING (call_id)
-            UNION ALL
-            SELECT 'orphan messages of ' || chat_id FROM chat_messages ANTI JOIN chats USING (chat_id)
-        """).fetchall()
-    log.read_until(offsets)
-    log.poll(0.05)
-    problems = [f"children: {r[0]}" for r in children[:20]]
-    for t in (CALLS, CHATS):
-        n, distinct = counts[t] or (0, 0)
-        if n != distinct:
-            problems.append(f"{t}: {n} rows, {distinct} distinct keys")
-        want = log.expected(t, offsets)
-        have = got[t]
-        missing = sorted(set(want) - set(have))
-        extra = sorted(set(have) - set(want))
-        stale = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-        for label, keys in (("missing", missing), ("extra", extra), ("not the last delivery", stale)):
-            if keys:
-                problems.append(f"{t}: {len(keys)} {label}: " + ", ".join(
-                    f"[{p}] {k} (want @{want.get((p, k))}, have @{have.get((p, k))})" for p, k in keys[:10]))
-    if log.dead:
-        problems.append(f"{len(log.dead)} dead letters: {log.dead[:5]}")
-    return problems
-
-
 def _rows(db: Path) -> int:
-    if not db.exists():
+    if stored_offsets(db) is None:
         return 0
     with duckdb.connect(str(db), read_only=True) as con:
         return int(con.execute("SELECT (SELECT count(*) FROM calls) + (SELECT count(*) FROM chats)").fetchone()[0])  # type: ignore[index]
@@ -209,8 +109,8 @@ def _rows(db: Path) -> int:
 
 def _copy_db(db: Path, to: Path) -> None:
     to.mkdir(parents=True, exist_ok=True)
-    for f in (db, db.with_name(db.name + ".wal")):
-        if f.exists():
+    for f in db.parent.glob(db.name + "*"):  # the database, its WAL and any other file DuckDB keeps beside
+        if f.is_file():
             shutil.copy2(f, to / f.name)
 
 
@@ -244,6 +144,8 @@ def one_copy(args: argparse.Namespace) -> int:
     traffic.thread.start()
     sink_log = work / "sink.log"
     kills = early = 0
+    proc: subprocess.Popen[bytes] | None = None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(2))  # so that `finally` kills our sink
     try:
         for i in range(args.kills):
             shutil.rmtree(work / "before", ignore_errors=True)
@@ -268,7 +170,7 @@ def one_copy(args: argparse.Namespace) -> int:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
-            problems = check(db, log)
+            problems = audit(db, log)
             if problems:
                 return fail(problems, sink_log, f"after kill {i} ({delay:.2f}s)")
             if args.verbose:
@@ -277,17 +179,22 @@ def one_copy(args: argparse.Namespace) -> int:
         traffic.done.wait()
         if traffic.errors:
             return fail(traffic.errors[:20], None, "producing")
-        proc = subprocess.run([sys.executable, "-m", "callstream", "sink", "--until-caught-up"], env=env, cwd=work,
-                              capture_output=True, timeout=600)
-        sink_log.write_bytes(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            return fail([f"the final sink exited with {proc.returncode}"], sink_log, "final run")
-        problems = check(db, log)
+        # As in the acceptance test, the final run loads with the default batch size.
+        final_env = {k: v for k, v in env.items() if k != "CALLSTREAM_BATCH_MAX_RECORDS"}
+        final = subprocess.run([sys.executable, "-m", "callstream", "sink", "--until-caught-up"], env=final_env, cwd=work,
+                               capture_output=True, timeout=600)
+        sink_log.write_bytes(final.stdout + final.stderr)
+        if final.returncode != 0:
+            return fail([f"the final sink exited with {final.returncode}"], sink_log, "final run")
+        problems = audit(db, log)
         with duckdb.connect(str(db), read_only=True) as con:
             stored = dict(((t, p), o) for t, p, o in con.execute(
                 "SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall())
             keys = {k for (k,) in con.execute("SELECT call_id FROM calls UNION ALL SELECT chat_id FROM chats").fetchall()}
-        ends = {tp: entries[-1][0] + 1 for tp, entries in log.log.items() if entries}
+        ends = {}
+        for name in (topic(prefix, "call_analyzed"), topic(prefix, "chat_analyzed")):
+            for part in range(3):
+                ends[(name, part)] = log.consumer.get_watermark_offsets(TopicPartition(name, part), timeout=15)[1]
         if stored != ends:
             problems.append(f"the final run stopped at {stored}, the topics end at {ends}")
         if keys != set(traffic.sent):
@@ -299,8 +206,11 @@ def one_copy(args: argparse.Namespace) -> int:
               f"{len(traffic.sent)} keys", flush=True)
         return 0
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         traffic.done.wait(timeout=120)
-        log.c.close()
+        log.close()
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -324,12 +234,14 @@ def main() -> int:
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     failed = 0
+    procs: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
     for r in range(args.rounds):
         if args.copies == 1 and args.rounds == 1:
             args.seed = seed
             return one_copy(args)
         argv = sys.argv[1:]
-        procs = []
+        procs.clear()
         for c in range(args.copies):
             s = seed + r * args.copies + c
             procs.append(subprocess.Popen([sys.executable, "-m", "bench.sink_crashes", *_without(argv, "--copies", "--rounds", "--seed"),
