@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 
 from callstream.catalogue import Header, topic
 from callstream.fakecalls import CallFactory, Fleet
+from tests.warehouse.audit import TopicLog
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,11 +50,19 @@ class TrafficProducer:
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
                                   "enable.idempotence": True})
         self.sent = Sent()
+        # flush() returning 0 only means no message is waiting: a refused one leaves the queue too,
+        # so every delivery report is looked at.
+        self.refused: list[str] = []
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self.refused.append(f"{msg.topic()} key {msg.key()!r}: {err}")
 
     def send_raw(self, event: str, key: str, body: bytes) -> None:
         self.producer.produce(topic(self.prefix, event), key=key.encode(), value=body,
                               headers=[(Header.EVENT, event.encode()),
-                                       (Header.RECEIVED_AT, str(int(time.time() * 1000)).encode())])
+                                       (Header.RECEIVED_AT, str(int(time.time() * 1000)).encode())],
+                              on_delivery=self._delivered)
         self.producer.poll(0)
         self.sent.deliveries += 1
 
@@ -73,6 +82,7 @@ class TrafficProducer:
 
     def flush(self) -> None:
         assert self.producer.flush(60) == 0, "the broker did not acknowledge every message"
+        assert not self.refused, f"{len(self.refused)} messages were refused: {self.refused[:5]}"
 
 
 @pytest.fixture
@@ -87,6 +97,14 @@ def traffic(kafka_bootstrap: str, topics: str) -> Iterator[Callable[..., Traffic
     yield make
     for p in made:
         p.producer.flush(10)
+
+
+@pytest.fixture
+def topic_log(kafka_bootstrap: str, topics: str) -> Iterator[TopicLog]:
+    """This test's topics as read by a consumer of its own, to audit the sink's database against."""
+    log = TopicLog(kafka_bootstrap, topics)
+    yield log
+    log.close()
 
 
 @pytest.fixture

@@ -1,0 +1,322 @@
+"""The sink's crash test without Kafka: the real Sink (reader, writer and publisher threads, DuckDB,
+Parquet) fed by a deterministic in-memory log, SIGKILLed at random moments and checked after every kill.
+
+A child process runs `warehouse.sink.Sink` with its consumer replaced by one that serves a log built
+from a seed (analyzed calls and chats, immediate duplicates, later re-deliveries), released at
+--rate messages per second from a fixed start, so every restart sees the same log. After every kill
+the database must hold, for each stored offset, exactly the keys the log holds below it, from their
+last delivery, with every child row. Without a broker a run is cheap, so it reaches many more kills
+per minute than bench/sink_crashes.py. With VERIFY=1 the child also checks every batch right after
+its commit and stops with LOST in its log if a committed parent row is missing in the live process.
+
+    python -m bench.sink_crashes_offline run --seed 1 --kills 40
+    VERIFY=1 python -m bench.sink_crashes_offline run --seed 102 --kills 40 -v
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import duckdb
+
+from callstream.catalogue import Header, topic
+from callstream.fakecalls import CallFactory, Fleet
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = "fake"
+CALLS, CHATS = topic(PREFIX, "call_analyzed"), topic(PREFIX, "chat_analyzed")
+PARTS = 3
+
+
+def build_log(seed: int, n: int, chat_share: float) -> tuple[dict[tuple[str, int], list[tuple[int, str, bytes]]], int]:
+    """(topic, partition) -> [(global index, key, body)]."""
+    f = CallFactory(Fleet(seed=seed, agents=4), seed=seed, turns=(2, 4))
+    rng = random.Random(seed)
+    keys: list[tuple[str, str]] = []
+    bodies: dict[str, bytes] = {}
+    out: dict[tuple[str, int], list[tuple[int, str, bytes]]] = {(t, p): [] for t in (CALLS, CHATS) for p in range(PARTS)}
+    now = 1_790_000_000_000
+    g = 0
+
+    def put(t: str, key: str, body: bytes) -> None:
+        nonlocal g
+        out[(t, zlib.crc32(key.encode()) % PARTS)].append((g, key, body))
+        g += 1
+
+    for i in range(n):
+        r = rng.random()
+        if keys and r < 0.04:
+            t, key = keys[rng.randrange(len(keys))]
+            put(t, key, bodies[key])
+            continue
+        ev = f.events("chat" if r < chat_share else None, now_ms=now + i * 50)[-1]
+        t = CHATS if ev.event == "chat_analyzed" else CALLS
+        body = ev.body()
+        keys.append((t, ev.key))
+        bodies[ev.key] = body
+        put(t, ev.key, body)
+        if rng.random() < 0.05:
+            put(t, ev.key, body)
+    return out, g
+
+
+class Msg:
+    __slots__ = ("_k", "_o", "_p", "_t", "_v")
+
+    def __init__(self, t: str, p: int, o: int, k: str, v: bytes) -> None:
+        self._t, self._p, self._o, self._k, self._v = t, p, o, k, v
+
+    def error(self): return None
+    def topic(self): return self._t
+    def partition(self): return self._p
+    def offset(self): return self._o
+    def value(self): return self._v
+    def key(self): return self._k.encode()
+    def headers(self): return [(Header.RECEIVED_AT, b"1790000000000")]
+    def timestamp(self): return (1, 1790000000000)
+
+
+class FakeConsumer:
+    def __init__(self, log, start: float, rate: float) -> None:
+        self.log = log
+        self.start = start
+        self.rate = rate
+        self.pos: dict[tuple[str, int], int] = {}
+
+    def available(self, tp) -> int:
+        limit = (time.time() - self.start) * self.rate
+        entries = self.log[tp]
+        lo, hi = 0, len(entries)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if entries[mid][0] < limit:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def list_topics(self, timeout=None):
+        class T:
+            def __init__(self):
+                self.partitions = {p: None for p in range(PARTS)}
+                self.error = None
+
+        class M:
+            topics = {CALLS: T(), CHATS: T()}
+
+        return M()
+
+    def get_watermark_offsets(self, tp, timeout=None):
+        return 0, self.available((tp.topic, tp.partition))
+
+    def assign(self, parts):
+        for tp in parts:
+            self.pos[(tp.topic, tp.partition)] = tp.offset
+
+    def consume(self, num_messages=1, timeout=0):
+        got = []
+        for tp in sorted(self.pos, key=lambda _: random.random()):
+            avail = self.available(tp)
+            o = self.pos[tp]
+            while o < avail and len(got) < num_messages:
+                _, k, v = self.log[tp][o]
+                got.append(Msg(tp[0], tp[1], o, k, v))
+                o += 1
+            self.pos[tp] = o
+        if not got and timeout:
+            time.sleep(timeout)
+        return got
+
+    def commit(self, *a, **k): pass
+    def close(self): pass
+
+
+def child(args) -> None:
+    import pickle
+
+    import warehouse.sink as ws
+    from warehouse.settings import SinkSettings
+    log = pickle.loads(Path(args.log).read_bytes())
+    ws.ensure_topics = lambda *a, **k: []
+    cfg = SinkSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix=PREFIX, warehouse=args.db, parquet_dir=args.parquet,
+                       batch_max_records=args.batch_records, batch_max_seconds=0.3, parquet_min_interval_seconds=0.3)
+    import pyarrow as pa
+    pa.set_memory_pool(pa.system_memory_pool())
+    sys.setswitchinterval(0.0005)
+    if os.environ.get("VERIFY"):
+        orig = ws.Sink._write
+
+        def _write(self, batch):
+            rows = orig(self, batch)
+            for t, tabs in batch.tables.items():
+                fam = self.families[t]
+                want = tabs[fam.parent.name].num_rows
+                got = self.con.execute(f"SELECT count(*) FROM {fam.parent.name} WHERE _load_seq = ?", [self._seq]).fetchone()[0]
+                wantc = tabs[fam.children[0].name].num_rows
+                gotc = self.con.execute(f"SELECT count(*) FROM {fam.children[0].name} WHERE _load_seq = ?", [self._seq]).fetchone()[0]
+                if (want, wantc) != (got, gotc):
+                    print(f"LOST in seq {self._seq} {fam.parent.name}: arrow {want}/{wantc} table {got}/{gotc}", flush=True)
+                    keys = tabs[fam.parent.name].column(fam.parent.parent_key).to_pylist()
+                    have = {r[0] for r in self.con.execute(f"SELECT {fam.parent.parent_key} FROM {fam.parent.name} WHERE _load_seq = ?", [self._seq]).fetchall()}
+                    print("missing positions", [i for i, k in enumerate(keys) if k not in have], "of", len(keys), flush=True)
+                    os._exit(3)
+            return rows
+
+        ws.Sink._write = _write
+    sink = ws.Sink(cfg)
+    sink.consumer = FakeConsumer(log, args.start, args.rate)
+    print("sink: loading", flush=True)
+    sink.run(until_caught_up=args.until_caught_up)
+    print("done", flush=True)
+
+
+def check(db: Path, log) -> list[str]:
+    if not db.exists():
+        return []
+    with duckdb.connect(str(db), read_only=True) as con:
+        made = {n for (n,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        if "_callstream_offsets" not in made:
+            return []
+        offsets = {(t, p): o for t, p, o in con.execute("SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall()}
+        got = {
+            CALLS: {(p, k): o for k, p, o in con.execute("SELECT call_id, kafka_partition, kafka_offset FROM calls").fetchall()},
+            CHATS: {(p, k): o for k, p, o in con.execute("SELECT chat_id, kafka_partition, kafka_offset FROM chats").fetchall()},
+        }
+        children = con.execute("""
+            SELECT 'utterances of ' || c.call_id FROM calls c LEFT JOIN (SELECT call_id, count(*) n FROM call_utterances GROUP BY ALL) u USING (call_id)
+              WHERE c.utterance_count <> coalesce(u.n, 0)
+            UNION ALL
+            SELECT 'messages of ' || c.chat_id FROM chats c LEFT JOIN (SELECT chat_id, count(*) n FROM chat_messages GROUP BY ALL) m USING (chat_id)
+              WHERE c.message_count <> coalesce(m.n, 0)
+            UNION ALL
+            SELECT 'orphan messages of ' || chat_id FROM chat_messages ANTI JOIN chats USING (chat_id)
+        """).fetchall()
+        dup = con.execute("SELECT (SELECT count(*) - count(DISTINCT call_id) FROM calls), (SELECT count(*) - count(DISTINCT chat_id) FROM chats)").fetchone()
+    problems = [f"children: {r[0]}" for r in children[:10]]
+    if dup != (0, 0):
+        problems.append(f"duplicates {dup}")
+    for t in (CALLS, CHATS):
+        want = {}
+        for (tn, p), o in offsets.items():
+            if tn == t:
+                for i, (_, k, _) in enumerate(log[(tn, p)][:o]):
+                    want[(p, k)] = i
+        have = got[t]
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        stale = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        for label, ks in (("missing", missing), ("extra", extra), ("stale", stale)):
+            if ks:
+                problems.append(f"{t}: {len(ks)} {label}: {ks[:5]} want {[want.get(k) for k in ks[:5]]} have {[have.get(k) for k in ks[:5]]}")
+    return problems
+
+
+def copy_db(db: Path, to: Path) -> None:
+    to.mkdir(parents=True, exist_ok=True)
+    for f in db.parent.glob(db.name + "*"):
+        if f.is_file():
+            shutil.copy2(f, to / f.name)
+
+
+def parent(args) -> int:
+    import pickle
+    log, total = build_log(args.seed, args.events, args.chat_share)
+    work = Path(tempfile.mkdtemp(prefix=f"fake-sink-{args.seed}-"))
+    (work / "log.pickle").write_bytes(pickle.dumps(log))
+    db, parquet = work / "w.duckdb", work / "parquet"
+    rng = random.Random(args.seed)
+    start = time.time() + 1.0
+    base = [sys.executable, "-m", "bench.sink_crashes_offline", "child", "--db", str(db), "--parquet", str(parquet), "--seed", str(args.seed),
+            "--events", str(args.events), "--chat-share", str(args.chat_share), "--rate", str(args.rate),
+            "--start", str(start), "--log", str(work / "log.pickle"), "--batch-records", str(args.batch_records)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
+    out_log = work / "child.log"
+    for i in range(args.kills):
+        shutil.rmtree(work / "before", ignore_errors=True)
+        copy_db(db, work / "before")
+        with open(out_log, "wb") as out:
+            proc = subprocess.Popen(base, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        t0 = time.monotonic()
+        if rng.random() < 0.25:
+            time.sleep(rng.uniform(0, 1.0))
+        else:
+            while b"sink: loading" not in out_log.read_bytes() and proc.poll() is None:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, args.max_delay))
+        if proc.poll() is not None:
+            print(f"[{args.seed}] child exited early: {out_log.read_text()[-2000:]}")
+            return 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        problems = check(db, log)
+        if problems:
+            keep = Path(args.keep_failures) / f"{args.seed}-{i}"
+            copy_db(db, keep / "after")
+            shutil.copytree(work / "before", keep / "before", dirs_exist_ok=True)
+            shutil.copy2(out_log, keep / "child.log")
+            print(f"[{args.seed}] FAILED after kill {i} ({time.monotonic() - t0:.2f}s): {problems}\n kept in {keep}", flush=True)
+            return 1
+        if args.verbose:
+            n = 0
+            if db.exists():
+                with duckdb.connect(str(db), read_only=True) as con:
+                    made = {x for (x,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+                    if "chats" in made:
+                        n = con.execute("select (select count(*) from calls)+(select count(*) from chats)").fetchone()[0]
+            print(f"[{args.seed}] kill {i} after {time.monotonic() - t0:.2f}s ok, {n} rows", flush=True)
+    wait = start + total / args.rate - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    proc = subprocess.run([*base, "--until-caught-up"], env=env, capture_output=True, cwd=REPO)
+    problems = check(db, log)
+    with duckdb.connect(str(db), read_only=True) as con:
+        offsets = {(t, p): o for t, p, o in con.execute("SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall()}
+    ends = {tp: len(v) for tp, v in log.items() if v}
+    if proc.returncode != 0 or offsets != ends:
+        problems.append(f"final run: rc {proc.returncode}, offsets {offsets} vs {ends}: {proc.stdout[-2000:]!r} {proc.stderr[-2000:]!r}")
+    if problems:
+        print(f"[{args.seed}] FAILED final: {problems}", flush=True)
+        return 1
+    print(f"[{args.seed}] ok: {args.kills} kills, {total} messages", flush=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["run", "child"])
+    ap.add_argument("--db")
+    ap.add_argument("--parquet")
+    ap.add_argument("--log")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--chat-share", type=float, default=0.06)
+    ap.add_argument("--rate", type=float, default=400.0)
+    ap.add_argument("--start", type=float, default=0.0)
+    ap.add_argument("--batch-records", type=int, default=300)
+    ap.add_argument("--kills", type=int, default=40)
+    ap.add_argument("--max-delay", type=float, default=2.0)
+    ap.add_argument("--until-caught-up", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder of a passing run")
+    ap.add_argument("--keep-failures", default=str(Path(tempfile.gettempdir()) / "sink-crashes-offline"),
+                    help="where a failure's databases (before and after the failing run) and log are kept")
+    args = ap.parse_args()
+    if args.mode == "child":
+        child(args)
+        return 0
+    return parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

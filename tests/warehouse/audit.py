@@ -1,0 +1,143 @@
+"""The sink's exactly-once invariant, checked directly: what DuckDB stores against what the topics hold.
+
+For every (topic, partition) in `_callstream_offsets`, the parent table holds exactly the keys the
+partition holds below the stored offset, once each, with the offset of the key's last delivery
+below it; every parent has all its child rows; no row comes from a partition with no stored offset;
+and nothing went to the dead-letter topic. A crash at any moment must leave a database that passes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+from confluent_kafka import Consumer, TopicPartition
+
+from callstream.catalogue import DEAD_LETTER, Header, topic
+
+FAMILIES = {"call_analyzed": ("calls", "call_id"), "chat_analyzed": ("chats", "chat_id")}
+
+_CHILDREN = """
+    SELECT 'utterances of ' || c.call_id FROM calls c
+      LEFT JOIN (SELECT call_id, count(*) n FROM call_utterances GROUP BY ALL) u USING (call_id)
+      WHERE c.utterance_count <> coalesce(u.n, 0)
+    UNION ALL
+    SELECT 'tool calls of ' || c.call_id FROM calls c
+      LEFT JOIN (SELECT call_id, count(*) n FROM call_tool_calls GROUP BY ALL) u USING (call_id)
+      WHERE c.tool_call_count <> coalesce(u.n, 0)
+    UNION ALL
+    SELECT 'messages of ' || c.chat_id FROM chats c
+      LEFT JOIN (SELECT chat_id, count(*) n FROM chat_messages GROUP BY ALL) m USING (chat_id)
+      WHERE c.message_count <> coalesce(m.n, 0)
+    UNION ALL
+    SELECT 'utterances without their call ' || call_id FROM call_utterances ANTI JOIN calls USING (call_id)
+    UNION ALL
+    SELECT 'messages without their chat ' || chat_id FROM chat_messages ANTI JOIN chats USING (chat_id)
+"""
+
+
+class TopicLog:
+    """Every record of a run's analyzed-call and analyzed-chat topics (and its dead letters), read by
+    a consumer of our own from the start, as far as asked."""
+
+    def __init__(self, bootstrap: str, prefix: str, timeout: float = 30.0) -> None:
+        self.names = {suffix: topic(prefix, suffix) for suffix in (*FAMILIES, DEAD_LETTER)}
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"audit-{uuid.uuid4().hex}",
+                                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        deadline = time.monotonic() + timeout
+        while True:  # a topic just created can take a moment to show in the metadata
+            meta = self.consumer.list_topics(timeout=timeout)
+            if all(t in meta.topics and meta.topics[t].error is None for t in self.names.values()):
+                break
+            assert time.monotonic() < deadline, f"topics {sorted(self.names.values())} are not all on the broker"
+            time.sleep(0.2)
+        self.consumer.assign([TopicPartition(t, p, 0) for t in self.names.values() for p in meta.topics[t].partitions])
+        self.keys: dict[tuple[str, int], list[str]] = defaultdict(list)  # (topic, partition) -> key at each offset
+        self.dead_letters: list[str] = []
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def _poll(self, timeout: float) -> None:
+        for m in self.consumer.consume(500, timeout=timeout):
+            if m.error() is not None:
+                continue
+            if m.topic() == self.names[DEAD_LETTER]:
+                headers = dict(m.headers() or [])
+                self.dead_letters.append(f"{headers.get('source_topic', b'?').decode()}"
+                                         f"[{headers.get('source_partition', b'?').decode()}]"
+                                         f"@{headers.get('source_offset', b'?').decode()} key {m.key()!r}: "
+                                         f"{headers.get(Header.REASON, b'?').decode(errors='replace')}")
+                continue
+            keys = self.keys[(str(m.topic()), int(m.partition() or 0))]
+            assert m.offset() == len(keys), f"{m.topic()}[{m.partition()}]: offset {m.offset()} after {len(keys)}"
+            keys.append((m.key() or b"").decode())
+
+    def read_until(self, offsets: dict[tuple[str, int], int], timeout: float = 60.0) -> None:
+        """Read until every partition is known up to `offsets` (and whatever else is there now)."""
+        deadline = time.monotonic() + timeout
+        while any(len(self.keys[tp]) < o for tp, o in offsets.items()):
+            missing = {tp: (len(self.keys[tp]), o) for tp, o in offsets.items() if len(self.keys[tp]) < o}
+            assert time.monotonic() < deadline, f"the topics end before the stored offsets: {missing}"
+            self._poll(0.2)
+        self._poll(0.1)
+
+    def last_deliveries(self, suffix: str, offsets: dict[tuple[str, int], int]) -> dict[tuple[int, str], int]:
+        """(partition, key) -> the offset of the key's last delivery below the stored offset."""
+        name = self.names[suffix]
+        want: dict[tuple[int, str], int] = {}
+        for (t, p), next_offset in offsets.items():
+            if t == name:
+                for o, key in enumerate(self.keys[(t, p)][:next_offset]):
+                    want[(p, key)] = o
+        return want
+
+
+def stored_offsets(db: Path) -> dict[tuple[str, int], int] | None:
+    """The offsets committed in the database; None if no batch can have been committed yet."""
+    if not db.exists():
+        return None
+    with duckdb.connect(str(db), read_only=True) as con:
+        names = {n for (n,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        if "_callstream_offsets" not in names:  # killed while creating the tables
+            return None
+        rows = con.execute("SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall()
+    return {(t, p): o for t, p, o in rows}
+
+
+def audit(db: Path, log: TopicLog) -> list[str]:
+    """Every way the database breaks the invariant, each named (empty: it holds)."""
+    offsets = stored_offsets(db)
+    problems: list[str] = []
+    if offsets is not None:
+        with duckdb.connect(str(db), read_only=True) as con:
+            stored = {
+                suffix: {(p, k): o for k, p, o in con.execute(f"SELECT {key}, kafka_partition, kafka_offset FROM {table}").fetchall()}
+                for suffix, (table, key) in FAMILIES.items()
+            }
+            doubled = {table: con.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {table}").fetchone()
+                       for table, key in FAMILIES.values()}
+            children = [r[0] for r in con.execute(_CHILDREN).fetchall()]
+        log.read_until(offsets)
+        problems += [f"child rows do not match their parent: {c}" for c in children[:10]]
+        problems += [f"{table}: {n[0]} keys stored twice" for table, n in doubled.items() if n and n[0]]
+        for suffix, (table, _) in FAMILIES.items():
+            want, have = log.last_deliveries(suffix, offsets), stored[suffix]
+            for label, keys in (
+                ("in the topic below the stored offset but not in the table", sorted(set(want) - set(have))),
+                ("in the table but not in the topic below the stored offset", sorted(set(have) - set(want))),
+                ("stored from an earlier delivery than the last one", sorted(k for k in set(want) & set(have)
+                                                                             if want[k] != have[k])),
+            ):
+                if keys:
+                    problems.append(f"{table}: {len(keys)} {label}: " + ", ".join(
+                        f"{k} [{p}] (last delivery @{want.get((p, k))}, row from @{have.get((p, k))})" for p, k in keys[:10]
+                    ) + f"; stored offsets {offsets}")
+    else:
+        log.read_until({})
+    if log.dead_letters:
+        problems.append(f"{len(log.dead_letters)} dead letters: {log.dead_letters[:10]}")
+    return problems

@@ -1,0 +1,90 @@
+"""Unit tests of the sink's batch write (no Kafka): replace_rows and its count guard before COMMIT."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+import pytest
+
+from callstream.fakecalls import CallFactory, Fleet
+from warehouse.db import run
+from warehouse.errors import WarehouseError
+from warehouse.records import FamilyBatch, Source
+from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES, Family, create_all
+from warehouse.sink import replace_rows
+
+
+class _LosesFirstRow:
+    """A connection that registers a parent batch without its first row: what DuckDB stored for
+    chats once (7 of 8 rows, the INSERT raising nothing), reproduced on purpose."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, parent: str) -> None:
+        self._con = con
+        self._parent = parent
+
+    def register(self, name: str, table: pa.Table) -> Any:
+        if name == "_batch_rows" and table.schema.names == [c.name for t in TABLES if t.name == self._parent
+                                                              for c in t.columns]:
+            table = table.slice(1)
+        return self._con.register(name, table)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+@pytest.fixture
+def warehouse_db(tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    create_all(con)
+    yield con
+    con.close()
+
+
+@pytest.fixture
+def family_batch() -> Callable[..., dict[str, pa.Table]]:
+    factory = CallFactory(Fleet(seed=9, agents=2), seed=9, turns=(2, 4))
+
+    def make(family: Family, n: int, offset: int = 0) -> dict[str, pa.Table]:
+        scenario = "chat" if family is CHAT_FAMILY else "completed"
+        batch = FamilyBatch(family)
+        for i in range(n):
+            body = factory.events(scenario)[-1].payload
+            batch.add(orjson.dumps(body), Source(partition=0, offset=offset + i, received_at_ms=1_790_000_000_000,
+                                                 loaded_at_ms=1))
+        return batch.tables()
+
+    return make
+
+
+def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
+    return int(run(con, f"SELECT count(*) FROM {table}")[0][0])
+
+
+@pytest.mark.parametrize("family", [CALL_FAMILY, CHAT_FAMILY], ids=lambda f: f.name)
+def test_a_batch_is_stored_whole_and_a_repeat_replaces_it(warehouse_db, family_batch, family):
+    tables = family_batch(family, 8)
+    for seq in (1, 2):  # the second load of the same keys replaces the first
+        run(warehouse_db, "BEGIN TRANSACTION")
+        assert replace_rows(warehouse_db, family, tables, seq) == sum(t.num_rows for t in tables.values())
+        run(warehouse_db, "COMMIT")
+    for t in family.tables:
+        assert _count(warehouse_db, t.name) == tables[t.name].num_rows
+        assert run(warehouse_db, f"SELECT DISTINCT _load_seq FROM {t.name}") == [(2,)]
+
+
+@pytest.mark.parametrize("family", [CALL_FAMILY, CHAT_FAMILY], ids=lambda f: f.name)
+def test_an_insert_that_stores_fewer_rows_than_the_batch_fails_before_the_commit(warehouse_db, family_batch, family):
+    tables = family_batch(family, 8)
+    lossy: Any = _LosesFirstRow(warehouse_db, family.parent.name)
+    run(warehouse_db, "BEGIN TRANSACTION")
+    with pytest.raises(WarehouseError, match=rf"load 1 into {family.parent.name}: the batch holds 8 rows, "
+                                             r"the INSERT reported 7 and the table holds 7"):
+        replace_rows(lossy, family, tables, 1)
+    run(warehouse_db, "ROLLBACK")  # what Sink._write does with any error before COMMIT
+    for t in family.tables:
+        assert _count(warehouse_db, t.name) == 0
