@@ -33,81 +33,72 @@ import uuid
 from pathlib import Path
 
 import duckdb
-from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import TopicPartition
 
-from callstream.catalogue import Header, topic
-from callstream.fakecalls import CallFactory, Fleet
+from callstream.catalogue import topic
 from callstream.topics import ensure_topics
 from tests.warehouse.audit import TopicLog, audit, stored_offsets
+from tests.warehouse.conftest import TrafficProducer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class Traffic:
-    """Produces analyzed calls and chats in a thread; every delivery report is checked."""
+    """Produces analyzed calls and chats in a thread, with the acceptance test's producer."""
 
     def __init__(self, bootstrap: str, prefix: str, seed: int, chat_share: float, events: int, rate: float) -> None:
-        self.prefix = prefix
-        self.factory = CallFactory(Fleet(seed=seed, agents=4), seed=seed, turns=(2, 4))
-        self.rng = random.Random(seed)
+        self.out = TrafficProducer(bootstrap, prefix, seed=seed, turns=(2, 4))
         self.chat_share = chat_share
         self.events = events
         self.rate = rate
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
-                                  "enable.idempotence": True})
         self.sent: dict[str, tuple[str, bytes]] = {}  # key -> (event, latest body)
         self.produced = 0
         self.errors: list[str] = []
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="traffic", daemon=True)
 
-    def _report(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self.errors.append(f"{msg.topic()} key={msg.key()!r}: {err}")
-
     def _send(self, event: str, key: str, body: bytes) -> None:
-        self.producer.produce(topic(self.prefix, event), key=key.encode(), value=body, on_delivery=self._report,
-                              headers=[(Header.EVENT, event.encode()),
-                                       (Header.RECEIVED_AT, str(int(time.time() * 1000)).encode())])
-        self.producer.poll(0)
+        self.out.send_raw(event, key, body)
         self.produced += 1
 
     def _run(self) -> None:
+        rng, factory = self.out.rng, self.out.factory
         try:
             chunk = 100
             while self.produced < self.events:
                 t0 = time.monotonic()
                 for _ in range(chunk):
-                    r = self.rng.random()
+                    r = rng.random()
                     if self.sent and r < 0.04:  # a re-delivery of an earlier call or chat, much later
-                        key = self.rng.choice(list(self.sent))
+                        key = rng.choice(list(self.sent))
                         event, body = self.sent[key]
                         self._send(event, key, body)
                         continue
-                    ev = self.factory.events("chat" if r < self.chat_share else None)[-1]
+                    ev = factory.events("chat" if r < self.chat_share else None)[-1]
                     body = ev.body()
                     self.sent[ev.key] = (ev.event, body)
                     self._send(ev.event, ev.key, body)
-                    if self.rng.random() < 0.05:
+                    if rng.random() < 0.05:
                         self._send(ev.event, ev.key, body)
-                left = self.producer.flush(60)
+                left = self.out.producer.flush(60)
                 if left:
                     self.errors.append(f"flush left {left} messages unacknowledged")
                 time.sleep(max(0.0, chunk / self.rate - (time.monotonic() - t0)))
         except BaseException as exc:
             self.errors.append(f"producer thread died: {exc!r}")
         finally:
+            self.errors += self.out.refused
             self.done.set()
 
 
-def _rows(db: Path) -> int:
+def loaded_rows(db: Path) -> int:
     if stored_offsets(db) is None:
         return 0
     with duckdb.connect(str(db), read_only=True) as con:
         return int(con.execute("SELECT (SELECT count(*) FROM calls) + (SELECT count(*) FROM chats)").fetchone()[0])  # type: ignore[index]
 
 
-def _copy_db(db: Path, to: Path) -> None:
+def copy_db(db: Path, to: Path) -> None:
     to.mkdir(parents=True, exist_ok=True)
     for f in db.parent.glob(db.name + "*"):  # the database, its WAL and any other file DuckDB keeps beside
         if f.is_file():
@@ -132,7 +123,7 @@ def one_copy(args: argparse.Namespace) -> int:
 
     def fail(problems: list[str], sink_log: Path | None, what: str) -> int:
         keep.mkdir(parents=True, exist_ok=True)
-        _copy_db(db, keep / "after")
+        copy_db(db, keep / "after")
         if (work / "before").exists():
             shutil.copytree(work / "before", keep / "before", dirs_exist_ok=True)
         if sink_log is not None and sink_log.exists():
@@ -149,7 +140,7 @@ def one_copy(args: argparse.Namespace) -> int:
     try:
         for i in range(args.kills):
             shutil.rmtree(work / "before", ignore_errors=True)
-            _copy_db(db, work / "before")
+            copy_db(db, work / "before")
             with open(sink_log, "wb") as out:
                 proc = subprocess.Popen([sys.executable, "-m", "callstream", "sink"], env=env, cwd=work,
                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -174,7 +165,7 @@ def one_copy(args: argparse.Namespace) -> int:
             if problems:
                 return fail(problems, sink_log, f"after kill {i} ({delay:.2f}s)")
             if args.verbose:
-                rows = _rows(db)
+                rows = loaded_rows(db)
                 print(f"{tag} kill {i} after {delay:.2f}s: ok ({traffic.produced} produced, {rows} loaded)", flush=True)
         traffic.done.wait()
         if traffic.errors:
@@ -187,9 +178,8 @@ def one_copy(args: argparse.Namespace) -> int:
         if final.returncode != 0:
             return fail([f"the final sink exited with {final.returncode}"], sink_log, "final run")
         problems = audit(db, log)
+        stored = stored_offsets(db)
         with duckdb.connect(str(db), read_only=True) as con:
-            stored = dict(((t, p), o) for t, p, o in con.execute(
-                "SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall())
             keys = {k for (k,) in con.execute("SELECT call_id FROM calls UNION ALL SELECT chat_id FROM chats").fetchall()}
         ends = {}
         for name in (topic(prefix, "call_analyzed"), topic(prefix, "chat_analyzed")):

@@ -6,11 +6,10 @@ from a seed (analyzed calls and chats, immediate duplicates, later re-deliveries
 --rate messages per second from a fixed start, so every restart sees the same log. After every kill
 the database must hold, for each stored offset, exactly the keys the log holds below it, from their
 last delivery, with every child row. Without a broker a run is cheap, so it reaches many more kills
-per minute than bench/sink_crashes.py. With VERIFY=1 the child also checks every batch right after
-its commit and stops with LOST in its log if a committed parent row is missing in the live process.
+per minute than bench/sink_crashes.py. The check is the acceptance test's (tests/warehouse/audit.py).
 
     python -m bench.sink_crashes_offline run --seed 1 --kills 40
-    VERIFY=1 python -m bench.sink_crashes_offline run --seed 102 --kills 40 -v
+    python -m bench.sink_crashes_offline run --seed 102 --kills 40 -v
 """
 from __future__ import annotations
 
@@ -26,10 +25,10 @@ import time
 import zlib
 from pathlib import Path
 
-import duckdb
-
+from bench.sink_crashes import copy_db, loaded_rows
 from callstream.catalogue import Header, topic
 from callstream.fakecalls import CallFactory, Fleet
+from tests.warehouse.audit import database_problems, stored_offsets
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "fake"
@@ -152,26 +151,6 @@ def child(args) -> None:
     import pyarrow as pa
     pa.set_memory_pool(pa.system_memory_pool())
     sys.setswitchinterval(0.0005)
-    if os.environ.get("VERIFY"):
-        orig = ws.Sink._write
-
-        def _write(self, batch):
-            rows = orig(self, batch)
-            for t, tabs in batch.tables.items():
-                fam = self.families[t]
-                want = tabs[fam.parent.name].num_rows
-                got = self.con.execute(f"SELECT count(*) FROM {fam.parent.name} WHERE _load_seq = ?", [self._seq]).fetchone()[0]
-                wantc = tabs[fam.children[0].name].num_rows
-                gotc = self.con.execute(f"SELECT count(*) FROM {fam.children[0].name} WHERE _load_seq = ?", [self._seq]).fetchone()[0]
-                if (want, wantc) != (got, gotc):
-                    print(f"LOST in seq {self._seq} {fam.parent.name}: arrow {want}/{wantc} table {got}/{gotc}", flush=True)
-                    keys = tabs[fam.parent.name].column(fam.parent.parent_key).to_pylist()
-                    have = {r[0] for r in self.con.execute(f"SELECT {fam.parent.parent_key} FROM {fam.parent.name} WHERE _load_seq = ?", [self._seq]).fetchall()}
-                    print("missing positions", [i for i, k in enumerate(keys) if k not in have], "of", len(keys), flush=True)
-                    os._exit(3)
-            return rows
-
-        ws.Sink._write = _write
     sink = ws.Sink(cfg)
     sink.consumer = FakeConsumer(log, args.start, args.rate)
     print("sink: loading", flush=True)
@@ -180,51 +159,16 @@ def child(args) -> None:
 
 
 def check(db: Path, log) -> list[str]:
-    if not db.exists():
+    """The acceptance test's audit, with the fixed log in place of the topics."""
+    offsets = stored_offsets(db)
+    if offsets is None:
         return []
-    with duckdb.connect(str(db), read_only=True) as con:
-        made = {n for (n,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        if "_callstream_offsets" not in made:
-            return []
-        offsets = {(t, p): o for t, p, o in con.execute("SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall()}
-        got = {
-            CALLS: {(p, k): o for k, p, o in con.execute("SELECT call_id, kafka_partition, kafka_offset FROM calls").fetchall()},
-            CHATS: {(p, k): o for k, p, o in con.execute("SELECT chat_id, kafka_partition, kafka_offset FROM chats").fetchall()},
-        }
-        children = con.execute("""
-            SELECT 'utterances of ' || c.call_id FROM calls c LEFT JOIN (SELECT call_id, count(*) n FROM call_utterances GROUP BY ALL) u USING (call_id)
-              WHERE c.utterance_count <> coalesce(u.n, 0)
-            UNION ALL
-            SELECT 'messages of ' || c.chat_id FROM chats c LEFT JOIN (SELECT chat_id, count(*) n FROM chat_messages GROUP BY ALL) m USING (chat_id)
-              WHERE c.message_count <> coalesce(m.n, 0)
-            UNION ALL
-            SELECT 'orphan messages of ' || chat_id FROM chat_messages ANTI JOIN chats USING (chat_id)
-        """).fetchall()
-        dup = con.execute("SELECT (SELECT count(*) - count(DISTINCT call_id) FROM calls), (SELECT count(*) - count(DISTINCT chat_id) FROM chats)").fetchone()
-    problems = [f"children: {r[0]}" for r in children[:10]]
-    if dup != (0, 0):
-        problems.append(f"duplicates {dup}")
-    for t in (CALLS, CHATS):
-        want = {}
-        for (tn, p), o in offsets.items():
-            if tn == t:
-                for i, (_, k, _) in enumerate(log[(tn, p)][:o]):
-                    want[(p, k)] = i
-        have = got[t]
-        missing = sorted(set(want) - set(have))
-        extra = sorted(set(have) - set(want))
-        stale = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-        for label, ks in (("missing", missing), ("extra", extra), ("stale", stale)):
-            if ks:
-                problems.append(f"{t}: {len(ks)} {label}: {ks[:5]} want {[want.get(k) for k in ks[:5]]} have {[have.get(k) for k in ks[:5]]}")
-    return problems
 
+    def last_deliveries(suffix: str, offsets: dict[tuple[str, int], int]) -> dict[tuple[int, str], int]:
+        name = topic(PREFIX, suffix)
+        return {(p, k): i for (t, p), o in offsets.items() if t == name for i, (_, k, _) in enumerate(log[(t, p)][:o])}
 
-def copy_db(db: Path, to: Path) -> None:
-    to.mkdir(parents=True, exist_ok=True)
-    for f in db.parent.glob(db.name + "*"):
-        if f.is_file():
-            shutil.copy2(f, to / f.name)
+    return database_problems(db, offsets, last_deliveries)
 
 
 def parent(args) -> int:
@@ -266,20 +210,13 @@ def parent(args) -> int:
             print(f"[{args.seed}] FAILED after kill {i} ({time.monotonic() - t0:.2f}s): {problems}\n kept in {keep}", flush=True)
             return 1
         if args.verbose:
-            n = 0
-            if db.exists():
-                with duckdb.connect(str(db), read_only=True) as con:
-                    made = {x for (x,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-                    if "chats" in made:
-                        n = con.execute("select (select count(*) from calls)+(select count(*) from chats)").fetchone()[0]
-            print(f"[{args.seed}] kill {i} after {time.monotonic() - t0:.2f}s ok, {n} rows", flush=True)
+            print(f"[{args.seed}] kill {i} after {time.monotonic() - t0:.2f}s ok, {loaded_rows(db)} rows", flush=True)
     wait = start + total / args.rate - time.time()
     if wait > 0:
         time.sleep(wait)
     proc = subprocess.run([*base, "--until-caught-up"], env=env, capture_output=True, cwd=REPO)
     problems = check(db, log)
-    with duckdb.connect(str(db), read_only=True) as con:
-        offsets = {(t, p): o for t, p, o in con.execute("SELECT topic, kafka_partition, next_offset FROM _callstream_offsets").fetchall()}
+    offsets = stored_offsets(db)
     ends = {tp: len(v) for tp, v in log.items() if v}
     if proc.returncode != 0 or offsets != ends:
         problems.append(f"final run: rc {proc.returncode}, offsets {offsets} vs {ends}: {proc.stdout[-2000:]!r} {proc.stderr[-2000:]!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -108,34 +109,47 @@ def stored_offsets(db: Path) -> dict[tuple[str, int], int] | None:
     return {(t, p): o for t, p, o in rows}
 
 
+LastDeliveries = Callable[[str, dict[tuple[str, int], int]], dict[tuple[int, str], int]]
+
+
+def database_problems(db: Path, offsets: dict[tuple[str, int], int], last_deliveries: LastDeliveries) -> list[str]:
+    """How the database breaks the invariant against the input, each named (empty: it holds).
+
+    `last_deliveries(suffix, offsets)` gives, for the topic of `suffix`, (partition, key) -> the
+    offset of the key's last delivery below the stored offset: read from Kafka or from a fixed log.
+    """
+    with duckdb.connect(str(db), read_only=True) as con:
+        stored = {
+            suffix: {(p, k): o for k, p, o in con.execute(f"SELECT {key}, kafka_partition, kafka_offset FROM {table}").fetchall()}
+            for suffix, (table, key) in FAMILIES.items()
+        }
+        doubled = {table: con.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {table}").fetchone()
+                   for table, key in FAMILIES.values()}
+        children = [r[0] for r in con.execute(_CHILDREN).fetchall()]
+    problems = [f"child rows do not match their parent: {c}" for c in children[:10]]
+    problems += [f"{table}: {n[0]} keys stored twice" for table, n in doubled.items() if n and n[0]]
+    for suffix, (table, _) in FAMILIES.items():
+        want, have = last_deliveries(suffix, offsets), stored[suffix]
+        for label, keys in (
+            ("in the topic below the stored offset but not in the table", sorted(set(want) - set(have))),
+            ("in the table but not in the topic below the stored offset", sorted(set(have) - set(want))),
+            ("stored from an earlier delivery than the last one", sorted(k for k in set(want) & set(have)
+                                                                         if want[k] != have[k])),
+        ):
+            if keys:
+                problems.append(f"{table}: {len(keys)} {label}: " + ", ".join(
+                    f"{k} [{p}] (last delivery @{want.get((p, k))}, row from @{have.get((p, k))})" for p, k in keys[:10]
+                ) + f"; stored offsets {offsets}")
+    return problems
+
+
 def audit(db: Path, log: TopicLog) -> list[str]:
-    """Every way the database breaks the invariant, each named (empty: it holds)."""
+    """Every way the database breaks the invariant against the topics, each named (empty: it holds)."""
     offsets = stored_offsets(db)
     problems: list[str] = []
     if offsets is not None:
-        with duckdb.connect(str(db), read_only=True) as con:
-            stored = {
-                suffix: {(p, k): o for k, p, o in con.execute(f"SELECT {key}, kafka_partition, kafka_offset FROM {table}").fetchall()}
-                for suffix, (table, key) in FAMILIES.items()
-            }
-            doubled = {table: con.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {table}").fetchone()
-                       for table, key in FAMILIES.values()}
-            children = [r[0] for r in con.execute(_CHILDREN).fetchall()]
         log.read_until(offsets)
-        problems += [f"child rows do not match their parent: {c}" for c in children[:10]]
-        problems += [f"{table}: {n[0]} keys stored twice" for table, n in doubled.items() if n and n[0]]
-        for suffix, (table, _) in FAMILIES.items():
-            want, have = log.last_deliveries(suffix, offsets), stored[suffix]
-            for label, keys in (
-                ("in the topic below the stored offset but not in the table", sorted(set(want) - set(have))),
-                ("in the table but not in the topic below the stored offset", sorted(set(have) - set(want))),
-                ("stored from an earlier delivery than the last one", sorted(k for k in set(want) & set(have)
-                                                                             if want[k] != have[k])),
-            ):
-                if keys:
-                    problems.append(f"{table}: {len(keys)} {label}: " + ", ".join(
-                        f"{k} [{p}] (last delivery @{want.get((p, k))}, row from @{have.get((p, k))})" for p, k in keys[:10]
-                    ) + f"; stored offsets {offsets}")
+        problems += database_problems(db, offsets, log.last_deliveries)
     else:
         log.read_until({})
     if log.dead_letters:
