@@ -15,7 +15,7 @@ from callstream.fakecalls import CallFactory, Fleet
 from warehouse.db import run
 from warehouse.errors import WarehouseError
 from warehouse.records import FamilyBatch, Source
-from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES, Family, create_all
+from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES_BY_NAME, Family, create_all
 from warehouse.sink import replace_rows
 
 
@@ -28,8 +28,7 @@ class _LosesFirstRow:
         self._parent = parent
 
     def register(self, name: str, table: pa.Table) -> Any:
-        if name == "_batch_rows" and table.schema.names == [c.name for t in TABLES if t.name == self._parent
-                                                              for c in t.columns]:
+        if name == "_batch_rows" and table.schema.names == TABLES_BY_NAME[self._parent].column_names:
             table = table.slice(1)
         return self._con.register(name, table)
 
