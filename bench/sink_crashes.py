@@ -37,7 +37,7 @@ from confluent_kafka import TopicPartition
 
 from callstream.catalogue import topic
 from callstream.topics import ensure_topics
-from tests.warehouse.audit import TopicLog, audit, stored_offsets
+from tests.warehouse.audit import TopicLog, audit, copy_db, stored_offsets
 from tests.warehouse.conftest import TrafficProducer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,13 +96,6 @@ def loaded_rows(db: Path) -> int:
         return 0
     with duckdb.connect(str(db), read_only=True) as con:
         return int(con.execute("SELECT (SELECT count(*) FROM calls) + (SELECT count(*) FROM chats)").fetchone()[0])  # type: ignore[index]
-
-
-def copy_db(db: Path, to: Path) -> None:
-    to.mkdir(parents=True, exist_ok=True)
-    for f in db.parent.glob(db.name + "*"):  # the database, its WAL and any other file DuckDB keeps beside
-        if f.is_file():
-            shutil.copy2(f, to / f.name)
 
 
 def one_copy(args: argparse.Namespace) -> int:

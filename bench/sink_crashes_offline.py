@@ -25,10 +25,10 @@ import time
 import zlib
 from pathlib import Path
 
-from bench.sink_crashes import copy_db, loaded_rows
+from bench.sink_crashes import loaded_rows
 from callstream.catalogue import Header, topic
 from callstream.fakecalls import CallFactory, Fleet
-from tests.warehouse.audit import database_problems, stored_offsets
+from tests.warehouse.audit import as_restarted, copy_db, database_problems, stored_offsets
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "fake"
@@ -163,6 +163,9 @@ def check(db: Path, log) -> list[str]:
     offsets = stored_offsets(db)
     if offsets is None:
         return []
+    db = as_restarted(db)
+    offsets = stored_offsets(db)
+    assert offsets is not None
 
     def last_deliveries(suffix: str, offsets: dict[tuple[str, int], int]) -> dict[tuple[int, str], int]:
         name = topic(PREFIX, suffix)

@@ -249,6 +249,7 @@ CREATE TABLE IF NOT EXISTS _callstream_dirty (
 
 def create_all(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table and reporting view (idempotent)."""
+    from warehouse import ledger
     from warehouse.views import create_views
 
     run(con, "SET TimeZone = 'UTC'")
@@ -256,4 +257,5 @@ def create_all(con: duckdb.DuckDBPyConnection) -> None:
         run(con, t.ddl())
     run(con, OFFSETS_DDL)
     run(con, DIRTY_DDL)
+    ledger.create(con, TABLES)
     create_views(con)

@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from callstream.catalogue import DEAD_LETTER, Header, topic
 from callstream.topics import ensure_topics
+from warehouse import ledger
 from warehouse.db import run, scalar
 from warehouse.errors import RecordError, WarehouseError
 from warehouse.parquet import ParquetPublisher, current_snapshot
@@ -52,6 +53,7 @@ class _Pending:
 
     def __init__(self, families: dict[str, Family], max_seconds: float) -> None:
         self.batches = {t: FamilyBatch(f) for t, f in families.items()}
+        self.first_offsets: dict[tuple[str, int], int] = {}
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.records = 0
         self.bytes = 0
@@ -61,9 +63,11 @@ class _Pending:
 
 @dataclass(frozen=True, slots=True)
 class _Batch:
-    """A closed batch, ready to write: Arrow tables per topic and the offset after each partition's last record."""
+    """A closed batch, ready to write: Arrow tables per topic, and per partition the offsets of its
+    first record and after its last."""
 
     tables: dict[str, dict[str, pa.Table]]
+    first_offsets: dict[tuple[str, int], int]
     next_offsets: dict[tuple[str, int], int]
     records: int
 
@@ -106,7 +110,8 @@ class Sink:
         self._high: dict[tuple[str, int], int] = {}
         # Load sequence numbers only grow, across restarts too (they name the Parquet parts).
         self._seq = max(int(scalar(self.con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in TABLES)
-        self._seq = max(self._seq, int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty") or 0))
+        self._seq = max(self._seq, int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty") or 0),
+                        ledger.last_seq(self.con))
         self._cleaned_seq = 0
         self._status_at = 0.0
         self.publisher = ParquetPublisher(self.con, Path(settings.parquet_dir),
@@ -152,8 +157,14 @@ class Sink:
         rows = run(self.con, "SELECT topic, kafka_partition, next_offset FROM _callstream_offsets")
         return {(t, p): o for t, p, o in rows}
 
+    def _low_watermark(self, t: str, p: int) -> int:
+        return int(self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=15)[0])
+
     def _assign(self) -> None:
         ensure_topics(self.cfg.kafka_bootstrap, self.cfg.topic_prefix, partitions=self.cfg.topic_partitions)
+        if ledger.verify_and_repair(self.con, self._seq, self._low_watermark):
+            self.say("sink: the warehouse differed from its load ledger after a restart; reloading those loads "
+                     "from Kafka (see the warning above)")
         stored = self.stored_offsets()
         with self._committed_lock:
             self._committed = dict(stored)
@@ -193,6 +204,7 @@ class Sink:
     def _add(self, pending: _Pending, msg: Message) -> None:
         """Decode one message into the open batch (or dead-letter it); the message is dropped after."""
         t, p, o = str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)
+        pending.first_offsets.setdefault((t, p), o)
         pending.next_offsets[(t, p)] = o + 1
         self._consumed[(t, p)] = o + 1
         pending.records += 1
@@ -210,18 +222,20 @@ class Sink:
         if self._dlq is not None and self._dlq.flush(30) > 0:
             raise WarehouseError("the dead-letter topic did not acknowledge; not committing this batch")
         tables = {t: b.tables() for t, b in pending.batches.items() if len(b)}
-        return _Batch(tables, pending.next_offsets, pending.records)
+        return _Batch(tables, pending.first_offsets, pending.next_offsets, pending.records)
 
     def _write(self, batch: _Batch) -> int:
         """Write one batch and its offsets in one transaction; return the rows written."""
         self._check_publisher()
         self._seq += 1
         con = self.con
-        rows = 0
+        rows: dict[str, int] = {}
         run(con, "BEGIN TRANSACTION")
         try:
             for t, family_tables in batch.tables.items():
-                rows += replace_rows(con, self.families[t], family_tables, self._seq)
+                rows |= replace_rows(con, self.families[t], family_tables, self._seq)
+            if rows:
+                ledger.record(con, self._seq, rows, batch.first_offsets)
             done = self.publisher.done_seq
             if done > self._cleaned_seq:
                 run(con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
@@ -241,9 +255,9 @@ class Sink:
             self._committed.update(batch.next_offsets)
         self.stats.batches += 1
         self.stats.records += batch.records
-        self.stats.rows += rows
+        self.stats.rows += sum(rows.values())
         self._write_status()
-        return rows
+        return sum(rows.values())
 
     def _writer(self) -> None:
         """The writer thread: batches into DuckDB in the order they were closed; idle upkeep between."""
@@ -388,9 +402,11 @@ class Sink:
                 self._dlq.flush(10)
 
 
-def replace_rows(con: duckdb.DuckDBPyConnection, family: Family, tables: dict[str, pa.Table], seq: int) -> int:
+def replace_rows(con: duckdb.DuckDBPyConnection, family: Family, tables: dict[str, pa.Table],
+                 seq: int) -> dict[str, int]:
     """In the caller's transaction: delete the stored versions of the batch's keys (parent and
-    children), insert the new rows with load sequence `seq`, and note the replaced rows' Parquet parts."""
+    children), insert the new rows with load sequence `seq`, and note the replaced rows' Parquet parts
+    and their loads' ledger counts. Returns the rows inserted per table (tables with rows only)."""
     parent, key = family.parent, family.parent.parent_key
     con.register("_batch_keys", tables[parent.name].select([key, "day"]))
     try:
@@ -402,10 +418,12 @@ def replace_rows(con: duckdb.DuckDBPyConnection, family: Family, tables: dict[st
         )
         if replaced:
             for t in (*family.children, parent):
-                run(con, f"DELETE FROM {t.name} WHERE {key} IN (SELECT {key} FROM _batch_keys)")
+                where = f"{key} IN (SELECT {key} FROM _batch_keys)"
+                ledger.note_replaced(con, t, where)
+                run(con, f"DELETE FROM {t.name} WHERE {where}")
     finally:
         con.unregister("_batch_keys")
-    rows = 0
+    rows: dict[str, int] = {}
     for t in family.tables:
         data = tables[t.name]
         if data.num_rows:
@@ -415,7 +433,7 @@ def replace_rows(con: duckdb.DuckDBPyConnection, family: Family, tables: dict[st
             finally:
                 con.unregister("_batch_rows")
             check_loaded(con, t.name, seq, data.num_rows, inserted)
-            rows += data.num_rows
+            rows[t.name] = data.num_rows
     return rows
 
 

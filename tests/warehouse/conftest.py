@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import orjson
+import pyarrow as pa
 import pytest
 from confluent_kafka import Producer
 
 from callstream.catalogue import Header, topic
 from callstream.fakecalls import CallFactory, Fleet
 from tests.warehouse.audit import TopicLog
+from warehouse.records import FamilyBatch, Source
+from warehouse.schema import CHAT_FAMILY, Family, create_all
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,3 +137,27 @@ def run_sink_once(service_env: dict[str, str], sink_env: dict[str, str], tmp_pat
 @pytest.fixture
 def warehouse_paths(service_env: dict[str, str]) -> tuple[Path, Path]:
     return Path(service_env["CALLSTREAM_WAREHOUSE"]), Path(service_env["CALLSTREAM_PARQUET_DIR"])
+
+
+@pytest.fixture
+def warehouse_db(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    create_all(con)
+    yield con
+    con.close()
+
+
+@pytest.fixture
+def family_batch() -> Callable[..., dict[str, pa.Table]]:
+    factory = CallFactory(Fleet(seed=9, agents=2), seed=9, turns=(2, 4))
+
+    def make(family: Family, n: int, offset: int = 0, partition: int = 0) -> dict[str, pa.Table]:
+        scenario = "chat" if family is CHAT_FAMILY else "completed"
+        batch = FamilyBatch(family)
+        for i in range(n):
+            body = factory.events(scenario)[-1].payload
+            batch.add(orjson.dumps(body), Source(partition=partition, offset=offset + i, received_at_ms=1_790_000_000_000,
+                                                 loaded_at_ms=1))
+        return batch.tables()
+
+    return make
