@@ -248,6 +248,7 @@ class Sink:
         except BaseException:
             run(con, "ROLLBACK")
             raise
+        check_committed(con, self._seq, rows)
         self._cleaned_seq = max(self._cleaned_seq, done)
         if batch.tables:
             self.publisher.poke()
@@ -452,6 +453,23 @@ def check_loaded(con: duckdb.DuckDBPyConnection, table: str, seq: int, want: int
             f"load {seq} into {table}: the batch holds {want} rows, the INSERT reported {inserted} and the "
             f"table holds {stored}; rolled back, so nothing of this batch is stored and its offsets do not move"
         )
+
+
+def check_committed(con: duckdb.DuckDBPyConnection, seq: int, rows: dict[str, int]) -> None:
+    """After COMMIT: raise (so the sink stops) unless each table holds the rows load `seq` inserted.
+
+    The count before COMMIT saw them; this is for rows lost in the commit itself. Stopping is enough:
+    the load ledger committed with the rows says how many there must be, so the next start finds the
+    load short and reloads it from Kafka (warehouse/ledger.py). Carrying on would leave the gap in
+    DuckDB and Parquet until then.
+    """
+    for table, want in rows.items():
+        stored = scalar(con, f"SELECT count(*) FROM {table} WHERE _load_seq = ?", [seq])
+        if stored != want:
+            raise WarehouseError(
+                f"load {seq} into {table}: {want} rows inserted, but the table holds {stored} after COMMIT; stopping, "
+                "the next start reloads this load from Kafka"
+            )
 
 
 def status_path(warehouse: str) -> Path:

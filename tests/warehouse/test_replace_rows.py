@@ -1,4 +1,5 @@
-"""Unit tests of the sink's batch write (no Kafka): replace_rows and its count guard before COMMIT."""
+"""Unit tests of the sink's batch write (no Kafka): replace_rows, its count guard before COMMIT, and the
+check after it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from callstream.catalogue import topic
+from warehouse import ledger
 from warehouse.db import run
 from warehouse.errors import WarehouseError
 from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES_BY_NAME
-from warehouse.sink import replace_rows
+from warehouse.settings import SinkSettings
+from warehouse.sink import Sink, _Batch, replace_rows
 
 
 class _LosesFirstRow:
@@ -58,3 +62,37 @@ def test_an_insert_that_stores_fewer_rows_than_the_batch_fails_before_the_commit
     run(warehouse_db, "ROLLBACK")  # what Sink._write does with any error before COMMIT
     for t in family.tables:
         assert _count(warehouse_db, t.name) == 0
+
+
+class _LosesAtCommit:
+    """A connection whose COMMIT stores the transaction without the table's first row."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, table: str) -> None:
+        self._con = con
+        self._table = table
+
+    def execute(self, query: str, params: Any = None) -> Any:
+        if query == "COMMIT":
+            self._con.execute(f"DELETE FROM {self._table} WHERE rowid = (SELECT min(rowid) FROM {self._table})").fetchall()
+        return self._con.execute(query, params) if params is not None else self._con.execute(query)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+def test_a_row_lost_in_the_commit_stops_the_sink_and_the_ledger_has_the_load_for_the_next_start(tmp_path, family_batch):
+    cfg = SinkSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="t", warehouse=str(tmp_path / "w.duckdb"),
+                       parquet_dir=str(tmp_path / "parquet"))
+    chats = topic("t", CHAT_FAMILY.topic_suffix)
+    sink = Sink(cfg)
+    try:
+        real = sink.con
+        sink.con = _LosesAtCommit(real, "chats")  # type: ignore[assignment]
+        batch = _Batch({chats: family_batch(CHAT_FAMILY, 8)}, {(chats, 0): 0}, {(chats, 0): 8}, records=8)
+        with pytest.raises(WarehouseError, match=r"load 1 into chats: 8 rows inserted, but the table holds 7 after "
+                                                 r"COMMIT; stopping, the next start reloads this load from Kafka"):
+            sink._write(batch)
+        assert ledger.check(real) == [ledger.Mismatch("chats", 1, expected=8, stored=7)]
+        assert ledger.rewind_points(real, {1}) == {(chats, 0): 0}
+    finally:
+        sink.close()
