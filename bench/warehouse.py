@@ -210,7 +210,8 @@ def main() -> None:
         lines += ["", "The sink decodes on one thread while a second one commits the previous batch to DuckDB "
                   "(librdkafka and DuckDB release the GIL), so with two free cores it runs close to the "
                   "single-threaded ceiling; the CPU it spends beyond the ceiling is Kafka fetching, the replace "
-                  "check, Parquet writing and commits of both the data and the offsets. On a busy machine it "
+                  "check, the row counts before and after each COMMIT, the load ledger, Parquet writing and commits of "
+                  "both the data and the offsets. On a busy machine it "
                   "competes for the second core, so its share of the ceiling drops.",
                   "", "Targets: >= 2,000 calls/s per sink process, >= 70% of the ceiling, peak RSS < 500 MB "
                   "at 100,000 calls. Re-run: `make bench-warehouse` (`BENCH_ARGS='--calls 5000'` for a quick one)."]
