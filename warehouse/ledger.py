@@ -143,8 +143,8 @@ def rewind_points(con: duckdb.DuckDBPyConnection, seqs: set[int]) -> dict[tuple[
 
 
 def undo(con: duckdb.DuckDBPyConnection, seqs: set[int], rewind: dict[tuple[str, int], int]) -> None:
-    """In one transaction: delete the loads' rows, mark their Parquet parts for rewriting, forget them
-    in the ledger, and move the stored offsets back so the next run loads their records again."""
+    """In one transaction: delete the loads' rows, mark their Parquet parts for rewriting, zero their
+    ledger counts, and move the stored offsets back so the next run loads their records again."""
     in_seqs = f"IN ({', '.join(str(int(s)) for s in seqs)})"
     run(con, "BEGIN TRANSACTION")
     try:
