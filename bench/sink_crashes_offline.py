@@ -152,11 +152,32 @@ def child(args) -> None:
     import pyarrow as pa
     pa.set_memory_pool(pa.system_memory_pool())
     sys.setswitchinterval(0.0005)
+    if args.lose_rows:
+        lose_rows(ws, args.lose_rows, args.lose_silently)
     sink = ws.Sink(cfg)
     sink.consumer = FakeConsumer(log, args.start, args.rate)
     print("sink: loading", flush=True)
     sink.run(until_caught_up=args.until_caught_up)
     print("done", flush=True)
+
+
+def lose_rows(ws, share: float, silently: bool) -> None:
+    """Make DuckDB "lose" a row of a share of the loads at COMMIT, as it once did: the sink's check
+    after the COMMIT then stops it, or, `silently`, does not run (a loss only a restart would see)."""
+    rng = random.Random()
+    real = ws.check_committed
+
+    def check_committed(con, seq: int, rows: dict[str, int]) -> None:
+        if rows and rng.random() < share:
+            table = rng.choice(sorted(rows))
+            con.execute(f"DELETE FROM {table} WHERE rowid = (SELECT min(rowid) FROM {table} WHERE _load_seq = ?)",
+                        [seq]).fetchall()
+            print(f"harness: lost a row of load {seq} in {table}", flush=True)
+            if silently:
+                return
+        real(con, seq, rows)
+
+    ws.check_committed = check_committed
 
 
 OWED_RELOAD: Offsets = {}  # see restart_state
@@ -187,6 +208,7 @@ def parent(args) -> int:
     base = [sys.executable, "-m", "bench.sink_crashes_offline", "child", "--db", str(db), "--parquet", str(parquet), "--seed", str(args.seed),
             "--events", str(args.events), "--chat-share", str(args.chat_share), "--rate", str(args.rate),
             "--start", str(start), "--log", str(work / "log.pickle"), "--batch-records", str(args.batch_records)]
+    losing = ["--lose-rows", str(args.lose_rows), *(["--lose-silently"] if args.lose_silently else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
     out_log = work / "child.log"
     short_stops = reloads = 0
@@ -194,7 +216,7 @@ def parent(args) -> int:
         shutil.rmtree(work / "before", ignore_errors=True)
         copy_db(db, work / "before")
         with open(out_log, "wb") as out:
-            proc = subprocess.Popen(base, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            proc = subprocess.Popen([*base, *losing], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         t0 = time.monotonic()
         if rng.random() < 0.25:
             time.sleep(rng.uniform(0, 1.0))
@@ -260,6 +282,11 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=40)
     ap.add_argument("--max-delay", type=float, default=2.0)
     ap.add_argument("--until-caught-up", action="store_true")
+    ap.add_argument("--lose-rows", type=float, default=0.0, metavar="SHARE",
+                    help="exercise the repair: delete a row of this share of the loads right after their COMMIT "
+                         "(not in the final run)")
+    ap.add_argument("--lose-silently", action="store_true",
+                    help="with --lose-rows, skip the sink's check after COMMIT, so only its next start sees the loss")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work folder of a passing run")
     ap.add_argument("--keep-failures", default=str(Path(tempfile.gettempdir()) / "sink-crashes-offline"),
