@@ -6,6 +6,8 @@ DELETE and COPY return a row count, so every statement here is read to completio
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import duckdb
@@ -20,3 +22,23 @@ def scalar(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None 
     """The first column of the first row of one statement (None if it returns no row)."""
     rows = run(con, query, params)
     return rows[0][0] if rows else None
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """BEGIN; COMMIT when the block ends, ROLLBACK (and re-raise) when it raises."""
+    run(con, "BEGIN TRANSACTION")
+    try:
+        yield
+        run(con, "COMMIT")
+    except BaseException:
+        run(con, "ROLLBACK")
+        raise
+
+
+def insert_rows(con: duckdb.DuckDBPyConnection, insert: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """`insert` ("INSERT INTO t VALUES") with all `rows` in one statement: executemany costs a round
+    trip (and the GIL) per row."""
+    if rows:
+        row = "(" + ", ".join("?" * len(rows[0])) + ")"
+        run(con, f"{insert} " + ", ".join([row] * len(rows)), [v for r in rows for v in r])

@@ -21,14 +21,14 @@ load number, so load numbers never repeat).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
 
-from warehouse.db import run, scalar
+from warehouse.db import insert_rows, run, scalar, transaction
 from warehouse.errors import WarehouseError
-from warehouse.schema import FAMILIES, Family, Table
+from warehouse.schema import FAMILIES, TABLES, Family, Table, last_load_seq
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,13 @@ class Mismatch:
         return f"load {self.seq} in {self.table}: {self.stored} rows stored, the ledger says {self.expected}"
 
 
-def create(con: duckdb.DuckDBPyConnection, tables: Iterable[Table]) -> None:
+def create(con: duckdb.DuckDBPyConnection) -> None:
     """Create the ledger's tables; a warehouse from before the ledger starts it after its last load."""
     run(con, LEDGER_DDL)
     run(con, LOAD_OFFSETS_DDL)
     run(con, BASE_DDL)
     if scalar(con, "SELECT count(*) FROM _callstream_ledger_base") == 0:
-        last = max(int(scalar(con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in tables)
-        run(con, "INSERT INTO _callstream_ledger_base VALUES (?)", [last])
+        run(con, "INSERT INTO _callstream_ledger_base VALUES (?)", [last_load_seq(con, TABLES)])
 
 
 def base(con: duckdb.DuckDBPyConnection) -> int:
@@ -91,12 +90,9 @@ def last_seq(con: duckdb.DuckDBPyConnection) -> int:
 def record(con: duckdb.DuckDBPyConnection, seq: int, rows: dict[str, int],
            first_offsets: dict[tuple[str, int], int]) -> None:
     """In the batch's transaction: the rows it inserted per table and where it began reading."""
-    if rows:
-        run(con, "INSERT INTO _callstream_loads VALUES " + ", ".join(["(?, ?, ?)"] * len(rows)),
-            [v for name, n in rows.items() for v in (seq, name, n)])
-    if first_offsets:
-        run(con, "INSERT INTO _callstream_load_offsets VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(first_offsets)),
-            [v for (t, p), o in first_offsets.items() for v in (seq, t, p, o)])
+    insert_rows(con, "INSERT INTO _callstream_loads VALUES", [(seq, name, n) for name, n in rows.items()])
+    insert_rows(con, "INSERT INTO _callstream_load_offsets VALUES",
+                [(seq, t, p, o) for (t, p), o in first_offsets.items()])
 
 
 def note_replaced(con: duckdb.DuckDBPyConnection, table: Table, where: str) -> None:
@@ -112,16 +108,15 @@ def check(con: duckdb.DuckDBPyConnection) -> list[Mismatch]:
     """Every load since the base whose rows in some table differ from the ledger."""
     since = base(con)
     found: list[Mismatch] = []
-    for family in FAMILIES:
-        for t in family.tables:
-            rows = run(con, f"""
-                SELECT coalesce(s._load_seq, l.seq), coalesce(l.live_rows, 0), coalesce(s.n, 0)
-                FROM (SELECT _load_seq, count(*) AS n FROM {t.name} WHERE _load_seq > ? GROUP BY _load_seq) s
-                FULL JOIN (SELECT seq, live_rows FROM _callstream_loads WHERE table_name = ? AND seq > ?) l
-                  ON s._load_seq = l.seq
-                WHERE coalesce(l.live_rows, 0) <> coalesce(s.n, 0)
-                ORDER BY 1""", [since, t.name, since])
-            found += [Mismatch(t.name, int(seq), int(want), int(n)) for seq, want, n in rows]
+    for t in TABLES:
+        rows = run(con, f"""
+            SELECT coalesce(s._load_seq, l.seq), coalesce(l.live_rows, 0), coalesce(s.n, 0)
+            FROM (SELECT _load_seq, count(*) AS n FROM {t.name} WHERE _load_seq > ? GROUP BY _load_seq) s
+            FULL JOIN (SELECT seq, live_rows FROM _callstream_loads WHERE table_name = ? AND seq > ?) l
+              ON s._load_seq = l.seq
+            WHERE coalesce(l.live_rows, 0) <> coalesce(s.n, 0)
+            ORDER BY 1""", [since, t.name, since])
+        found += [Mismatch(t.name, int(seq), int(want), int(n)) for seq, want, n in rows]
     return found
 
 
@@ -146,8 +141,7 @@ def undo(con: duckdb.DuckDBPyConnection, seqs: set[int], rewind: dict[tuple[str,
     """In one transaction: delete the loads' rows, mark their Parquet parts for rewriting, zero their
     ledger counts, and move the stored offsets back so the next run loads their records again."""
     in_seqs = f"IN ({', '.join(str(int(s)) for s in seqs)})"
-    run(con, "BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         for family in FAMILIES:
             _mark_dirty(con, family, in_seqs)
             for t in family.tables:
@@ -158,10 +152,6 @@ def undo(con: duckdb.DuckDBPyConnection, seqs: set[int], rewind: dict[tuple[str,
         for (topic, p), o in rewind.items():
             run(con, "UPDATE _callstream_offsets SET next_offset = least(next_offset, ?) "
                      "WHERE topic = ? AND kafka_partition = ?", [o, topic, p])
-        run(con, "COMMIT")
-    except BaseException:
-        run(con, "ROLLBACK")
-        raise
 
 
 def _mark_dirty(con: duckdb.DuckDBPyConnection, family: Family, in_seqs: str) -> None:
@@ -175,16 +165,11 @@ def forget_checkpointed(con: duckdb.DuckDBPyConnection, last: int) -> None:
     """CHECKPOINT, then drop the ledger's loads up to `last`: the database file holds them now, and no
     WAL replay can shorten them. The base keeps `last`, so load numbers never repeat."""
     run(con, "CHECKPOINT")
-    run(con, "BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         run(con, "DELETE FROM _callstream_ledger_base")
         run(con, "INSERT INTO _callstream_ledger_base VALUES (?)", [last])
         run(con, "DELETE FROM _callstream_loads WHERE seq <= ?", [last])
         run(con, "DELETE FROM _callstream_load_offsets WHERE seq <= ?", [last])
-        run(con, "COMMIT")
-    except BaseException:
-        run(con, "ROLLBACK")
-        raise
 
 
 def repair(con: duckdb.DuckDBPyConnection, low_watermark: Callable[[str, int], int]) -> list[Mismatch]:

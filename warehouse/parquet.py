@@ -44,7 +44,7 @@ import orjson
 
 from warehouse.db import run, scalar
 from warehouse.errors import WarehouseError
-from warehouse.schema import FAMILIES, TABLES, Table
+from warehouse.schema import FAMILIES, TABLES, Table, last_load_seq
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,7 @@ class ParquetPublisher:
             writes: dict[tuple[Path, Part], Path | None] = {}
             run(cur, "BEGIN TRANSACTION")
             try:
-                high = max(int(scalar(cur, f"SELECT coalesce(max(_load_seq), 0) FROM {f.parent.name}") or 0)
-                           for f in FAMILIES)
-                high = max(high, low)
+                high = max(last_load_seq(cur, [f.parent for f in FAMILIES]), low)
                 dirty = run(cur, "SELECT family, day, part_seq, max(seq) FROM _callstream_dirty WHERE seq > ? "
                                  "GROUP BY ALL", [self.done_seq])
                 if high == low and not dirty and current_snapshot(self.root) is not None:

@@ -8,12 +8,13 @@ the same day partition of every table.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
-from warehouse.db import run
+from warehouse.db import run, scalar
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +248,11 @@ CREATE TABLE IF NOT EXISTS _callstream_dirty (
 """
 
 
+def last_load_seq(con: duckdb.DuckDBPyConnection, tables: Iterable[Table]) -> int:
+    """The highest `_load_seq` in the given tables (0 when empty)."""
+    return max(int(scalar(con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in tables)
+
+
 def create_all(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table and reporting view (idempotent)."""
     from warehouse import ledger
@@ -257,5 +263,5 @@ def create_all(con: duckdb.DuckDBPyConnection) -> None:
         run(con, t.ddl())
     run(con, OFFSETS_DDL)
     run(con, DIRTY_DDL)
-    ledger.create(con, TABLES)
+    ledger.create(con)
     create_views(con)

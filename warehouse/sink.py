@@ -29,11 +29,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from callstream.catalogue import DEAD_LETTER, Header, topic
 from callstream.topics import ensure_topics
 from warehouse import ledger
-from warehouse.db import run, scalar
+from warehouse.db import insert_rows, run, scalar, transaction
 from warehouse.errors import RecordError, WarehouseError
 from warehouse.parquet import ParquetPublisher, current_snapshot
 from warehouse.records import FamilyBatch, Source
-from warehouse.schema import FAMILIES, TABLES, Family, create_all
+from warehouse.schema import FAMILIES, TABLES, Family, create_all, last_load_seq
 from warehouse.settings import SinkSettings
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,8 @@ class Sink:
         self._stop = threading.Event()
         self._high: dict[tuple[str, int], int] = {}
         # Load sequence numbers only grow, across restarts too (they name the Parquet parts).
-        self._seq = max(int(scalar(self.con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in TABLES)
-        self._seq = max(self._seq, int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty") or 0),
-                        ledger.last_seq(self.con))
+        self._seq = max(last_load_seq(self.con, TABLES), ledger.last_seq(self.con),
+                        int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty") or 0))
         self._cleaned_seq = 0
         self._status_at = 0.0
         self.publisher = ParquetPublisher(self.con, Path(settings.parquet_dir),
@@ -228,27 +227,9 @@ class Sink:
         """Write one batch and its offsets in one transaction; return the rows written."""
         self._check_publisher()
         self._seq += 1
-        con = self.con
-        rows: dict[str, int] = {}
-        run(con, "BEGIN TRANSACTION")
-        try:
-            for t, family_tables in batch.tables.items():
-                rows |= replace_rows(con, self.families[t], family_tables, self._seq)
-            if rows:
-                ledger.record(con, self._seq, rows, batch.first_offsets)
-            done = self.publisher.done_seq
-            if done > self._cleaned_seq:
-                run(con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
-            if batch.next_offsets:  # one statement: executemany costs a round trip (and the GIL) per row
-                now = datetime.now(UTC).replace(tzinfo=None)
-                run(con, "INSERT OR REPLACE INTO _callstream_offsets VALUES "
-                         + ", ".join(["(?, ?, ?, ?)"] * len(batch.next_offsets)),
-                    [v for (t, p), o in batch.next_offsets.items() for v in (t, p, o, now)])
-            run(con, "COMMIT")
-        except BaseException:
-            run(con, "ROLLBACK")
-            raise
-        check_committed(con, self._seq, rows)
+        done = self.publisher.done_seq
+        rows = sum(write_batch(self.con, self.families, batch, self._seq,
+                               published=done if done > self._cleaned_seq else 0).values())
         self._cleaned_seq = max(self._cleaned_seq, done)
         if batch.tables:
             self.publisher.poke()
@@ -256,9 +237,9 @@ class Sink:
             self._committed.update(batch.next_offsets)
         self.stats.batches += 1
         self.stats.records += batch.records
-        self.stats.rows += sum(rows.values())
+        self.stats.rows += rows
         self._write_status()
-        return sum(rows.values())
+        return rows
 
     def _writer(self) -> None:
         """The writer thread: batches into DuckDB in the order they were closed; idle upkeep between."""
@@ -403,6 +384,26 @@ class Sink:
                 self._dlq.flush(10)
 
 
+def write_batch(con: duckdb.DuckDBPyConnection, families: dict[str, Family], batch: _Batch, seq: int,
+                published: int = 0) -> dict[str, int]:
+    """Load `batch` as load `seq` in one transaction: its rows, its ledger entry and the offsets after
+    it (and forget dirty days the publisher wrote up to `published`); then check that the commit
+    kept every row. Returns the rows inserted per table."""
+    rows: dict[str, int] = {}
+    with transaction(con):
+        for t, family_tables in batch.tables.items():
+            rows |= replace_rows(con, families[t], family_tables, seq)
+        if rows:
+            ledger.record(con, seq, rows, batch.first_offsets)
+        if published:
+            run(con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [published])
+        now = datetime.now(UTC).replace(tzinfo=None)
+        insert_rows(con, "INSERT OR REPLACE INTO _callstream_offsets VALUES",
+                    [(t, p, o, now) for (t, p), o in batch.next_offsets.items()])
+    check_committed(con, seq, rows)
+    return rows
+
+
 def replace_rows(con: duckdb.DuckDBPyConnection, family: Family, tables: dict[str, pa.Table],
                  seq: int) -> dict[str, int]:
     """In the caller's transaction: delete the stored versions of the batch's keys (parent and
@@ -445,9 +446,7 @@ def check_loaded(con: duckdb.DuckDBPyConnection, table: str, seq: int, want: int
     the table held, without an error, and the offsets committed with it would have skipped the
     rest for good. Counting in the open transaction turns that into a stop before the commit.
     """
-    # Cheap on a large table: loads are appended in sequence, so min/max skip the older row groups
-    # (0.6 ms on 6 million rows).
-    stored = scalar(con, f"SELECT count(*) FROM {table} WHERE _load_seq = ?", [seq])
+    stored = _load_rows(con, table, seq)
     if inserted != want or stored != want:
         raise WarehouseError(
             f"load {seq} into {table}: the batch holds {want} rows, the INSERT reported {inserted} and the "
@@ -464,12 +463,18 @@ def check_committed(con: duckdb.DuckDBPyConnection, seq: int, rows: dict[str, in
     DuckDB and Parquet until then.
     """
     for table, want in rows.items():
-        stored = scalar(con, f"SELECT count(*) FROM {table} WHERE _load_seq = ?", [seq])
+        stored = _load_rows(con, table, seq)
         if stored != want:
             raise WarehouseError(
                 f"load {seq} into {table}: {want} rows inserted, but the table holds {stored} after COMMIT; stopping, "
                 "the next start reloads this load from Kafka"
             )
+
+
+def _load_rows(con: duckdb.DuckDBPyConnection, table: str, seq: int) -> int:
+    # Cheap on a large table: loads are appended in sequence, so min/max skip the older row groups
+    # (0.6 ms on 6 million rows).
+    return int(scalar(con, f"SELECT count(*) FROM {table} WHERE _load_seq = ?", [seq]))
 
 
 def status_path(warehouse: str) -> Path:

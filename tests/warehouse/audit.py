@@ -149,13 +149,12 @@ def restart_state(db: Path, owed: Offsets) -> tuple[Path, Offsets, bool]:
     `owed` carries over between audits: the offsets the sink had stored before a start moved them
     back to reload a short load (warned about); it empties once the stored offsets are there again.
     """
-    before = stored_offsets(db)
-    assert before is not None
-    db, found = as_restarted(db)
+    view, found = as_restarted(db)
     if found:
         warnings.warn(f"the sink's next start reloads short loads: {'; '.join(map(str, found))}", stacklevel=2)
-        for tp, o in before.items():
+        for tp, o in (stored_offsets(db) or {}).items():
             owed[tp] = max(owed.get(tp, 0), o)
+    db = view
     offsets = stored_offsets(db)
     assert offsets is not None
     if all(offsets.get(tp, 0) >= o for tp, o in owed.items()):

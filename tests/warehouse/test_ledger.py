@@ -15,23 +15,21 @@ from tests.warehouse.audit import restart_state, stored_offsets
 from warehouse import ledger
 from warehouse.db import run, scalar
 from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES, Family, create_all
-from warehouse.sink import replace_rows
+from warehouse.sink import _Batch, replace_rows, write_batch
 
 CALLS_TOPIC, CHATS_TOPIC = "t.call_analyzed", "t.chat_analyzed"
 TOPIC = {CALL_FAMILY.name: CALLS_TOPIC, CHAT_FAMILY.name: CHATS_TOPIC}
 
 
 def load(con: duckdb.DuckDBPyConnection, seq: int, batch: dict[Family, tuple[dict[str, pa.Table], int, int]]) -> None:
-    """One batch as the sink writes it: rows, ledger and offsets in one transaction.
-    `batch` maps a family to its tables and the first and next offset it read (partition 0)."""
-    run(con, "BEGIN TRANSACTION")
-    rows: dict[str, int] = {}
-    for family, (tables, _, _) in batch.items():
-        rows |= replace_rows(con, family, tables, seq)
-    ledger.record(con, seq, rows, {(TOPIC[f.name], 0): first for f, (_, first, _) in batch.items()})
-    for f, (_, _, nxt) in batch.items():
-        run(con, "INSERT OR REPLACE INTO _callstream_offsets VALUES (?, 0, ?, now())", [TOPIC[f.name], nxt])
-    run(con, "COMMIT")
+    """One batch as the sink writes it. `batch` maps a family to its tables and the first and next
+    offset it read (partition 0)."""
+    write_batch(con, {TOPIC[f.name]: f for f in batch}, _Batch(
+        tables={TOPIC[f.name]: tables for f, (tables, _, _) in batch.items()},
+        first_offsets={(TOPIC[f.name], 0): first for f, (_, first, _) in batch.items()},
+        next_offsets={(TOPIC[f.name], 0): nxt for f, (_, _, nxt) in batch.items()},
+        records=0,
+    ), seq)
 
 
 def offsets(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
