@@ -36,6 +36,7 @@ class SimulationResult:
     calls: set[str] = field(default_factory=set)
     chats: set[str] = field(default_factory=set)
     by_event: Counter[str] = field(default_factory=Counter)
+    accepted_by_event: Counter[str] = field(default_factory=Counter)  # events answered 2xx (duplicates not counted)
     accepted: list[Event] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -112,7 +113,7 @@ async def run(
 
     async with httpx.AsyncClient(timeout=SENDER_TIMEOUT_S, limits=limits) as client:
 
-        async def deliver(ev: Event, body: bytes) -> None:
+        async def deliver(ev: Event, body: bytes) -> bool:
             for attempt in range(SENDER_RETRIES + 1):
                 headers = {"content-type": "application/json"}
                 if key:
@@ -131,17 +132,19 @@ async def run(
                 if 200 <= status < 300:
                     if keep_accepted:
                         res.accepted.append(ev)
-                    return
+                    return True
                 if status not in (0, 408, 429) and status < 500:
-                    return  # a 4xx is final: the sender does not retry a refusal
+                    return False  # a 4xx is final: the sender does not retry a refusal
                 res.retries += 1 if attempt < SENDER_RETRIES else 0
                 await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
             res.failed += 1
+            return False
 
         async def one(ev: Event) -> None:
             try:
                 body = ev.body()
-                await deliver(ev, body)
+                if await deliver(ev, body):
+                    res.accepted_by_event[ev.event] += 1
                 if rng.random() < duplicate_rate:
                     res.duplicates += 1
                     await deliver(ev, body)

@@ -86,7 +86,8 @@ class Stack:
             res = asyncio.run(simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key,
                                        calls=self.calls, rate=self.rate))
             self.say(res.summary())
-            self._summary(res.statuses.get(204, 0))
+            # Each call has one call_analyzed event, so this counts the calls the sink must load.
+            self._summary(res.statuses.get(204, 0), res.accepted_by_event["call_analyzed"])
             if wait_forever:
                 self.say("Everything keeps running; press Ctrl-C to stop it all.")
                 while all(p.poll() is None for p in self.procs.values()):
@@ -109,17 +110,19 @@ class Stack:
             counted = 0
         return rows, counted
 
-    def _summary(self, accepted: int) -> None:
+    def _summary(self, accepted: int, analyzed_calls: int) -> None:
         from warehouse.settings import SinkSettings
         from warehouse.sink import status_path
 
         sink = SinkSettings()
         status = status_path(sink.warehouse)
-        # Wait until the worker and the sink have caught up (two equal readings), at most 30 s.
+        # Wait, at most 30 s, until the sink has a row for every analyzed call the gateway accepted and
+        # the worker's count holds still. Equal readings alone are not enough: the sink rewrites its
+        # status at most once a second, so two readings a second apart can both miss a commit.
         last, deadline = (-1, -1), time.monotonic() + 30
         while time.monotonic() < deadline:
             now = self._counts(status)
-            if now == last and now[0] > 0:
+            if now == last and now[0] >= analyzed_calls:
                 break
             last = now
             time.sleep(1.0)
