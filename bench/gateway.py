@@ -20,7 +20,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,18 +29,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.openloop import run as open_loop
 from bench.report import RESULTS, machine, write_section
-from callstream.catalogue import all_topics
 from callstream.fakecalls import CallFactory, Event, Fleet
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+from callstream.procs import Process, ProcessFailed, spawn
 from callstream.simulate import schedule
-from callstream.topics import ensure_topics
 from gateway.routing import route
-from gateway.signature import sign, verify
+from kernel.catalogue import all_topics
+from kernel.signature import sign, verify
+from kernel.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "gateway"
@@ -128,74 +127,30 @@ def http_requests(host: str, port: int, payloads: list[bytes], key: str) -> list
 
 @dataclass
 class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
+    """A server under load: its process and the port it listens on."""
+
+    process: Process
     port: int
-    log: Path
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait(self, path: str, want: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                sys.exit(f"{self.name} exited ({self.proc.returncode}); see {self.log}")
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == want:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        sys.exit(f"{self.name} did not answer {path} with {want} in {timeout:.0f}s; see {self.log}")
+    def wait(self, path: str, want: int) -> None:
+        try:
+            self.process.wait_http(path, ok=lambda r: r.status_code == want)
+        except ProcessFailed as exc:
+            sys.exit(str(exc))
 
     def rss_mb(self) -> float:
-        """RSS of the server and its worker processes."""
-        return sum(_rss_kb(p) for p in _tree(self.proc.pid)) / 1024
+        return self.process.rss_mb()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _tree(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for k in kids:
-        out += _tree(int(k))
-    return out
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        self.process.stop()
 
 
 def cpu_s(server: Server) -> float:
-    """User + system CPU seconds of the server and its worker processes so far."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in _tree(server.proc.pid):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+    return server.process.cpu_s()
 
 
 def mandated_us(payloads: list[bytes], key: str, prefix: str, rounds: int = 20) -> tuple[float, float]:
@@ -217,10 +172,7 @@ def mandated_us(payloads: list[bytes], key: str, prefix: str, rounds: int = 20) 
 
 
 def start_server(name: str, cmd: list[str], env: dict[str, str], port: int) -> Server:
-    log = OUT / f"{name}.log"
-    out = open(log, "wb")  # noqa: SIM115 (the child keeps it)
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=OUT)
-    return Server(name, proc, port, log)
+    return Server(spawn(name, cmd, OUT / f"{name}.log", env, cwd=OUT, url=f"http://127.0.0.1:{port}"), port)
 
 
 def ceiling(workers: int, env: dict[str, str]) -> Server:

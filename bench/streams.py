@@ -24,11 +24,11 @@ import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.report import machine, write_section
-from callstream.catalogue import EVENT_NAMES, Header, topic
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
-from callstream.topics import ensure_topics
-from gateway.signature import sign
+from kernel.catalogue import EVENT_NAMES, Header, topic
+from kernel.signature import sign
+from kernel.topics import ensure_topics
 from streams.alertrules import load_config
 from streams.metrics import ALL
 from streams.processor import DictStore, In, Processor

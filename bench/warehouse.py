@@ -31,12 +31,13 @@ import orjson
 from confluent_kafka import Producer
 
 from bench.report import machine, write_section
-from callstream.catalogue import Header, topic
 from callstream.fakecalls import CallFactory, Fleet
-from callstream.topics import ensure_topics
+from kernel.catalogue import Header, topic
+from kernel.topics import ensure_topics
 from warehouse.db import run
+from warehouse.migrations import create_all
 from warehouse.records import FamilyBatch, Source
-from warehouse.schema import CALL_FAMILY, create_all
+from warehouse.schema import CALL_FAMILY
 
 REPO = Path(__file__).resolve().parents[1]
 

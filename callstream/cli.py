@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from callstream.errors import CallstreamError
 from callstream.localkafka import LocalKafka
-from callstream.logs import setup_logging
+from kernel.errors import CallstreamError
+from kernel.logs import setup_logging
 
 log = logging.getLogger("callstream")
 
@@ -53,7 +53,7 @@ def kafka() -> None:
 
 def _local(port: int | None, home: str | None) -> LocalKafka:
     from callstream.localkafka import default_home
-    from callstream.settings import CommonSettings
+    from kernel.settings import CommonSettings
 
     host, default_port = _bootstrap_port(CommonSettings().kafka_bootstrap)
     return LocalKafka(home=default_home() if home is None else Path(home), host=host, port=port or default_port)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from callstream.errors import KafkaSetupError
+from kernel.errors import KafkaSetupError
 
 log = logging.getLogger(__name__)
 

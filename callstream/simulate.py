@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from callstream.fakecalls import CallFactory, Event, Fleet
-from gateway.signature import sign
+from kernel.signature import sign
 
 SENDER_TIMEOUT_S = 10.0
 SENDER_RETRIES = 3

@@ -7,7 +7,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +15,13 @@ from pathlib import Path
 import httpx
 import orjson
 
-from callstream.errors import CallstreamError
 from callstream.localkafka import LocalKafka, broker_answers, default_home
-from callstream.settings import CommonSettings
+from callstream.procs import Process
+from callstream.procs import callstream as start_callstream
 from callstream.simulate import run as simulate
-from callstream.topics import ensure_topics
+from kernel.errors import CallstreamError
+from kernel.settings import CommonSettings
+from kernel.topics import ensure_topics
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Stack:
     gateway_port: int = 8000
     web_port: int = 6066
     say: Callable[[str], None] = print
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    procs: dict[str, Process] = field(default_factory=dict)
     kafka: LocalKafka | None = None
 
     def _env(self) -> dict[str, str]:
@@ -42,26 +43,8 @@ class Stack:
         env.setdefault("CALLSTREAM_WEB_PORT", str(self.web_port))
         return env
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
-        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps it)
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "callstream", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def _wait_http(self, name: str, url: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise CallstreamError(f"{name} exited with code {proc.returncode}; see data/logs/{name}.log")
-            try:
-                if httpx.get(url, timeout=1.0).status_code < 500:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise CallstreamError(f"{name} did not answer on {url} within {timeout:.0f}s; see data/logs/{name}.log")
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], logs: Path, url: str | None = None) -> None:
+        self.procs[name] = start_callstream(name, args, logs / f"{name}.log", env, url=url)
 
     def run(self, wait_forever: bool = True) -> None:
         common = CommonSettings()
@@ -76,11 +59,13 @@ class Stack:
                 self.kafka = LocalKafka(home=default_home(), host=host or "127.0.0.1", port=int(port))
                 self.kafka.start(say=self.say)
             ensure_topics(common.kafka_bootstrap, common.topic_prefix, common.topic_partitions)
-            self._spawn("gateway", ["gateway", "--port", str(self.gateway_port)], env, logs)
-            self._spawn("worker", ["worker", "--web-port", str(self.web_port)], env, logs)
+            self._spawn("gateway", ["gateway", "--port", str(self.gateway_port)], env, logs,
+                        f"http://127.0.0.1:{self.gateway_port}")
+            self._spawn("worker", ["worker", "--web-port", str(self.web_port)], env, logs,
+                        f"http://127.0.0.1:{self.web_port}")
             self._spawn("sink", ["sink"], env, logs)
-            self._wait_http("gateway", f"http://127.0.0.1:{self.gateway_port}/healthz")
-            self._wait_http("worker", f"http://127.0.0.1:{self.web_port}/api/counts", timeout=120)
+            self.procs["gateway"].wait_http("/healthz")
+            self.procs["worker"].wait_http("/api/counts", timeout=120)
             self.say(f"Gateway, worker and sink are up (logs in {logs.resolve()}). Sending {self.calls} calls ...")
             key = env["CALLSTREAM_API_KEYS" if env.get("CALLSTREAM_API_KEYS") else "RETELL_API_KEY"].split(",")[0]
             res = asyncio.run(simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key,
@@ -90,9 +75,9 @@ class Stack:
             self._summary(res.statuses.get(204, 0), res.accepted_by_event["call_analyzed"])
             if wait_forever:
                 self.say("Everything keeps running; press Ctrl-C to stop it all.")
-                while all(p.poll() is None for p in self.procs.values()):
+                while all(p.alive() for p in self.procs.values()):
                     time.sleep(0.5)
-                dead = [n for n, p in self.procs.items() if p.poll() is not None]
+                dead = [n for n, p in self.procs.items() if not p.alive()]
                 raise CallstreamError(f"{', '.join(dead)} stopped unexpectedly; see {logs.resolve()}")
         except KeyboardInterrupt:
             self.say("\nStopping ...")
@@ -137,16 +122,16 @@ class Stack:
         )
 
     def shutdown(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            if p.alive():
+                p.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
-        for name, proc in self.procs.items():
+        for name, p in self.procs.items():
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.say(f"{name} did not stop in time; killing it.")
-                proc.kill()
-                proc.wait()
+                p.proc.kill()
+                p.proc.wait()
         if self.kafka is not None:
             self.kafka.stop(say=self.say)

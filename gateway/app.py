@@ -11,12 +11,12 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from callstream.catalogue import EVENT_NAMES
 from gateway.ingest import Ingest
 from gateway.metrics import GatewayMetrics
 from gateway.producer import EventProducer
 from gateway.settings import GatewaySettings
 from gateway.webhook import Receive, Scope, Send, WebhookHandler, serve_asgi
+from kernel.catalogue import EVENT_NAMES
 
 log = logging.getLogger("gateway")
 

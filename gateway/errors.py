@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
+from kernel.errors import CallstreamError
 
-class GatewayError(Exception):
+
+class GatewayError(CallstreamError):
     """Base of the gateway's own errors."""
 
     reason = "error"
     # The event type, when it was known before things went wrong (for metrics and logs).
     event: str | None = None
-
-
-class SignatureError(GatewayError):
-    """The delivery is not signed by a key we hold (401). Nothing is stored."""
-
-    reason = "bad_signature"
-
-
-class MissingSignature(SignatureError):
-    reason = "missing_signature"
-
-
-class MalformedSignature(SignatureError):
-    reason = "malformed_signature"
-
-
-class StaleSignature(SignatureError):
-    reason = "stale_signature"
 
 
 class BodyTooLarge(GatewayError):

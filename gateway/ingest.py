@@ -6,13 +6,13 @@ import ipaddress
 import logging
 import time
 
-from callstream.catalogue import DEAD_LETTER, Header, topic
 from gateway.errors import PayloadError, PublishError, SourceNotAllowed
 from gateway.metrics import GatewayMetrics
 from gateway.producer import EventProducer, Headers
 from gateway.routing import Route, route
 from gateway.settings import GatewaySettings
-from gateway.signature import verify
+from kernel.catalogue import DEAD_LETTER, Header, topic
+from kernel.signature import verify
 
 log = logging.getLogger(__name__)
 

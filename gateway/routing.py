@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from callstream.catalogue import EVENTS_BY_NAME, Subject, event_topic
 from gateway.errors import PayloadError
+from kernel.catalogue import EVENTS_BY_NAME, Subject, event_topic
 
 
 class _Ref(msgspec.Struct):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, model_validator
 
-from callstream.settings import CommonSettings
+from kernel.settings import CommonSettings
 
 
 class ConfigError(ValueError):

@@ -15,13 +15,16 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import BodyTooLarge, GatewayError, PayloadError, PublishError, SignatureError, SourceNotAllowed
+from gateway.errors import BodyTooLarge, GatewayError, PayloadError, PublishError, SourceNotAllowed
 from gateway.ingest import Ingest
 from gateway.metrics import GatewayMetrics
+from kernel.signature import SignatureError
 
 log = logging.getLogger("gateway")
 
-_STATUS: list[tuple[type[GatewayError], int]] = [
+Refusal = GatewayError | SignatureError
+
+_STATUS: list[tuple[type[Refusal], int]] = [
     (SourceNotAllowed, 403),
     (BodyTooLarge, 413),
     (SignatureError, 401),
@@ -78,7 +81,7 @@ class WebhookHandler:
                 body = await read_limited(chunks, header("content-length"), self.max_body_bytes)
                 m.body_bytes.observe(len(body))
                 r = await self.ingest.accept(body, header("x-retell-signature"), source)
-            except GatewayError as exc:
+            except (GatewayError, SignatureError) as exc:
                 return self._refuse(exc)
             m.requests.labels(r.event if r.known else "unknown", "204").inc()
             return NO_CONTENT
@@ -86,7 +89,7 @@ class WebhookHandler:
             m.in_flight.dec()
             m.request_seconds.observe(time.perf_counter() - started)
 
-    def _refuse(self, exc: GatewayError) -> Outcome:
+    def _refuse(self, exc: Refusal) -> Outcome:
         status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
         event = getattr(exc, "event", None) or "-"
         detail = str(exc)

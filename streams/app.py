@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import faust
 
-from callstream.catalogue import ALERTS, EVENT_NAMES, UNKNOWN, Header, topic
+from kernel.catalogue import ALERTS, EVENT_NAMES, UNKNOWN, Header, topic
 from streams.alertrules import RATE_RULE, load_config
 from streams.alerts import AlertFeed, WebhookSender, encode_alert, failure_rate_alerts
 from streams.groupview import GroupView

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
-from callstream.catalogue import EVENT_NAMES, UNKNOWN
+from kernel.catalogue import EVENT_NAMES, UNKNOWN
 from streams.alertrules import RULE_BIT, AlertConfig
 from streams.metrics import Effects
 

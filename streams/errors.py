@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from callstream.errors import CallstreamError
+from kernel.errors import CallstreamError
 
 
 class StreamsError(CallstreamError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
-from callstream.settings import CommonSettings
+from kernel.settings import CommonSettings
 
 
 class WorkerSettings(CommonSettings):

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Message
 
 from callstream.localkafka import LocalKafka, free_port
-from callstream.topics import ensure_topics
-
-REPO = Path(__file__).resolve().parents[1]
+from callstream.procs import Process as Service
+from callstream.procs import callstream
+from kernel.topics import ensure_topics
+from tests.support.kafka import consume_all
+from tests.support.paths import REPO
 
 
 @pytest.fixture(scope="session")
@@ -67,43 +64,6 @@ def api_key() -> str:
     return f"key_{uuid.uuid4().hex}"
 
 
-@dataclass
-class Service:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    url: str | None = None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def wait_http(self, path: str, timeout: float = 60.0, ok: Callable[[httpx.Response], bool] | None = None) -> httpx.Response:
-        assert self.url, f"{self.name} has no URL"
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
-            try:
-                r = httpx.get(self.url + path, timeout=2.0)
-                if (ok or (lambda r: r.status_code < 500))(r):
-                    return r
-            except httpx.HTTPError as exc:
-                last = exc
-            time.sleep(0.2)
-        raise AssertionError(f"{self.name} did not answer {path} in {timeout}s ({last}):\n{self.output()[-4000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 @pytest.fixture
 def service_env(kafka_bootstrap: str, prefix: str, api_key: str, tmp_path: Path) -> dict[str, str]:
     """The environment of callstream processes started by this test."""
@@ -126,13 +86,8 @@ def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Calla
     started: list[Service] = []
 
     def start(name: str, *args: str, url: str | None = None, env: dict[str, str] | None = None) -> Service:
-        log = tmp_path / f"{name}-{len(started)}.log"
-        out = open(log, "wb")  # noqa: SIM115 (the child keeps it open)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "callstream", *args], env={**service_env, **(env or {})},
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
-        )
-        svc = Service(name, proc, log, url)
+        svc = callstream(name, args, tmp_path / f"{name}-{len(started)}.log", {**service_env, **(env or {})},
+                         cwd=tmp_path, url=url)
         started.append(svc)
         return svc
 
@@ -147,24 +102,6 @@ def gateway_service(start_service: Callable[..., Service]) -> Service:
     svc = start_service("gateway", "gateway", "--port", str(port), url=f"http://127.0.0.1:{port}")
     svc.wait_http("/healthz")
     return svc
-
-
-def consume_all(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) -> list[Message]:
-    """Read `topic` from the beginning until `expect` messages arrived or `timeout` passed."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    meta = c.list_topics(topic, timeout=10).topics[topic]
-    c.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
-    got: list[Message] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(got) < expect and time.monotonic() < deadline:
-            for m in c.consume(num_messages=500, timeout=0.5):
-                if m.error() is None:
-                    got.append(m)
-    finally:
-        c.close()
-    return got
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import httpx
 import orjson
 import pytest
 
-from callstream.catalogue import Header
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.localkafka import free_port
-from gateway.signature import sign
+from kernel.catalogue import Header
+from kernel.signature import sign
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

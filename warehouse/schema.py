@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
-from warehouse.db import run, scalar
+from warehouse.db import scalar
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,17 +251,3 @@ CREATE TABLE IF NOT EXISTS _callstream_dirty (
 def last_load_seq(con: duckdb.DuckDBPyConnection, tables: Iterable[Table]) -> int:
     """The highest `_load_seq` in the given tables (0 when empty)."""
     return max(int(scalar(con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in tables)
-
-
-def create_all(con: duckdb.DuckDBPyConnection) -> None:
-    """Create every table and reporting view (idempotent)."""
-    from warehouse import ledger
-    from warehouse.views import create_views
-
-    run(con, "SET TimeZone = 'UTC'")
-    for t in TABLES:
-        run(con, t.ddl())
-    run(con, OFFSETS_DDL)
-    run(con, DIRTY_DDL)
-    ledger.create(con)
-    create_views(con)

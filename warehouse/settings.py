@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from callstream.settings import CommonSettings
+from kernel.settings import CommonSettings
 
 
 class SinkSettings(CommonSettings):

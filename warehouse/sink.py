@@ -26,14 +26,15 @@ import orjson
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from callstream.catalogue import DEAD_LETTER, Header, topic
-from callstream.topics import ensure_topics
+from kernel.catalogue import DEAD_LETTER, Header, topic
+from kernel.topics import ensure_topics
 from warehouse import ledger
 from warehouse.db import insert_rows, run, scalar, transaction
 from warehouse.errors import RecordError, WarehouseError
+from warehouse.migrations import create_all
 from warehouse.parquet import ParquetPublisher, current_snapshot
 from warehouse.records import FamilyBatch, Source
-from warehouse.schema import FAMILIES, TABLES, Family, create_all, last_load_seq
+from warehouse.schema import FAMILIES, TABLES, Family, last_load_seq
 from warehouse.settings import SinkSettings
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ import pydantic
 import pytest
 from retell.types import ChatResponse, PhoneCallResponse, WebCallResponse
 
-from callstream.catalogue import EVENT_NAMES
 from callstream.fakecalls import SCENARIOS, CallFactory, Event, Fleet
 from callstream.simulate import schedule
+from kernel.catalogue import EVENT_NAMES
 
 # Sent by the platforms (see the seeds' sample payloads) though the current SDK models dropped it.
 LEGACY_FIELDS = {"opt_out_sensitive_data_storage"}

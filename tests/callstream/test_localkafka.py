@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from callstream.localkafka import KAFKA_VERSION, broker_answers, free_port
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 

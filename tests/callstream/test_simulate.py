@@ -15,7 +15,7 @@ import pytest
 from retell.lib import webhook_auth
 
 from callstream.simulate import SimulationResult, run
-from tests.gateway.conftest import topic_counts
+from tests.support.kafka import topic_counts
 
 
 class _Server(ThreadingHTTPServer):

@@ -13,8 +13,8 @@ import duckdb
 import pytest
 
 from callstream.localkafka import free_port
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 

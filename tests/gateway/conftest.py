@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import signal
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
-from callstream.catalogue import all_topics
 from callstream.localkafka import free_port
-from gateway.signature import sign
-from tests.conftest import Service
+from callstream.procs import Process as Service
+from kernel.signature import sign
+from tests.support.kafka import topic_counts
 
 
 @pytest.fixture
@@ -51,22 +49,6 @@ def post(api_key: str) -> Callable[..., httpx.Response]:
         return httpx.post(f"{svc.url}/webhook", content=body, headers=h, timeout=15)
 
     return send
-
-
-def topic_counts(bootstrap: str, prefix: str) -> dict[str, int]:
-    """Messages on each topic of `prefix` (high watermarks; a test's topics start empty)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}"})
-    out: dict[str, int] = {}
-    try:
-        md = c.list_topics(timeout=10)
-        for t in all_topics(prefix):
-            parts = md.topics[t].partitions if t in md.topics else {}
-            out[t.removeprefix(prefix + ".")] = sum(
-                c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1] for p in parts
-            )
-    finally:
-        c.close()
-    return out
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from callstream.catalogue import EVENT_NAMES, Header
 from callstream.fakecalls import CallFactory, Fleet
-from gateway.signature import sign
+from kernel.catalogue import EVENT_NAMES, Header
+from kernel.signature import sign
 
 pytestmark = pytest.mark.kafka
 

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callstream.catalogue import EVENT_NAMES, EVENTS_BY_NAME, Subject
 from callstream.fakecalls import CallFactory, Fleet
-from gateway.signature import sign
+from kernel.catalogue import EVENT_NAMES, EVENTS_BY_NAME, Subject
+from kernel.signature import sign
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

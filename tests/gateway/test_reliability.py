@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
-from callstream.topics import ensure_topics
-from gateway.signature import sign
-from tests.conftest import REPO, consume_all
-from tests.gateway.conftest import topic_counts
+from kernel.signature import sign
+from kernel.topics import ensure_topics
+from tests.support.kafka import consume_all, topic_counts
+from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

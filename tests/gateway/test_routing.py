@@ -5,10 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from callstream.catalogue import EVENT_NAMES
 from callstream.fakecalls import CallFactory, Fleet
 from gateway.errors import PayloadError
 from gateway.routing import route
+from kernel.catalogue import EVENT_NAMES
 
 
 @pytest.mark.parametrize("scenario", ["completed", "transfer_bridged", "transfer_cancelled", "failed_dial", "chat"])

@@ -18,7 +18,7 @@ import pytest
 from callstream.fakecalls import CallFactory, Event, Fleet
 from callstream.localkafka import free_port
 from callstream.simulate import run as simulate
-from gateway.signature import sign
+from kernel.signature import sign
 from streams.metrics import exact_quantile
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -12,8 +12,7 @@ import duckdb
 import orjson
 import pytest
 
-from tests.warehouse.audit import audit, stored_offsets
-from tests.warehouse.test_sink import assert_parquet_equals_duckdb
+from tests.support.audit import assert_parquet_equals_duckdb, audit, stored_offsets
 from warehouse.errors import WarehouseError
 from warehouse.read import connect, refresh
 

@@ -11,10 +11,11 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from tests.warehouse.audit import restart_state, stored_offsets
+from tests.support.audit import restart_state, stored_offsets
 from warehouse import ledger
 from warehouse.db import run, scalar
-from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES, Family, create_all
+from warehouse.migrations import create_all
+from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES, Family
 from warehouse.sink import _Batch, replace_rows, write_batch
 
 CALLS_TOPIC, CHATS_TOPIC = "t.call_analyzed", "t.chat_analyzed"

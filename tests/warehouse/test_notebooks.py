@@ -9,7 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -23,8 +24,8 @@ def built_warehouse(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: s
     import time
     import uuid
 
-    from callstream.topics import ensure_topics
-    from tests.warehouse.conftest import TrafficProducer
+    from kernel.topics import ensure_topics
+    from tests.support.traffic import TrafficProducer
 
     tmp = tmp_path_factory.mktemp("notebook-warehouse")
     prefix = f"t{uuid.uuid4().hex[:12]}"

@@ -12,10 +12,11 @@ import pytest
 
 from callstream.fakecalls import CallFactory, Fleet
 from warehouse.db import run
+from warehouse.migrations import create_all
 from warehouse.parquet import MAX_PARTS_PER_DAY, ParquetPublisher, parts_of
 from warehouse.read import connect
 from warehouse.records import FamilyBatch, Source
-from warehouse.schema import CALL_FAMILY, create_all
+from warehouse.schema import CALL_FAMILY
 from warehouse.sink import replace_rows
 
 

@@ -9,7 +9,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from callstream.catalogue import topic
+from kernel.catalogue import topic
 from warehouse import ledger
 from warehouse.db import run
 from warehouse.errors import WarehouseError

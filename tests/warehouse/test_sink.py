@@ -6,44 +6,17 @@ import copy
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import duckdb
 import orjson
-import pandas as pd
-import pyarrow.dataset as ds
 import pytest
 
+from tests.support.audit import assert_parquet_equals_duckdb
 from warehouse.errors import WarehouseError
 from warehouse.read import connect
 from warehouse.schema import TABLES
 
 pytestmark = [pytest.mark.kafka]
-
-
-def _rows(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple]:
-    t = next(t for t in TABLES if t.name == table)
-    cols = ", ".join(t.column_names)
-    return con.execute(f"SELECT {cols} FROM {table} ORDER BY {', '.join(t.key)}").fetchall()
-
-
-def assert_parquet_equals_duckdb(db: Path, parquet: Path) -> dict[str, int]:
-    """Every table: the same rows in the DuckDB file, the snapshot views, and a plain hive glob."""
-    counts = {}
-    with duckdb.connect(str(db), read_only=True) as con:
-        reader = connect(parquet)
-        for t in TABLES:
-            want = _rows(con, t.name)
-            assert _rows(reader, t.name) == want, f"{t.name}: Parquet snapshot differs from DuckDB"
-            counts[t.name] = len(want)
-            if want:
-                glob = str(parquet / t.name / "**" / "*.parquet")
-                n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true)").fetchall()
-                assert n == [(len(want),)]
-                assert len(pd.read_parquet(parquet / t.name)) == len(want)
-                assert ds.dataset(parquet / t.name, partitioning="hive").count_rows() == len(want)
-        reader.close()
-    return counts
 
 
 def test_every_table_once_and_parquet_equal_to_duckdb(traffic, run_sink_once, warehouse_paths):

@@ -7,8 +7,8 @@ import logging
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from callstream.catalogue import all_topics
-from callstream.errors import KafkaSetupError
+from kernel.catalogue import all_topics
+from kernel.errors import KafkaSetupError
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,16 @@ from retell import Retell
 from retell.lib import webhook_auth
 
 from callstream.fakecalls import CallFactory, Fleet
-from gateway import signature
-from gateway.errors import MalformedSignature, MissingSignature, SignatureError, StaleSignature
-from gateway.signature import TOLERANCE_MS, sign, verify
+from kernel import signature
+from kernel.signature import (
+    TOLERANCE_MS,
+    MalformedSignature,
+    MissingSignature,
+    SignatureError,
+    StaleSignature,
+    sign,
+    verify,
+)
 
 KEY = "key_3f1c2b0a9e8d7c6b5a4f3e2d1c0b9a8f"
 OLD_KEY = "key_old_00000000000000000000000000"

@@ -17,8 +17,8 @@ stops on a batch DuckDB stored short is restarted (counted as "stops on a short 
 At the end one `callstream sink --until-caught-up` must load everything. A failing check keeps the
 database (and the one from before the failing run) and the sink's log under --keep, and exits 1.
 
-    python -m bench.sink_crashes --bootstrap 127.0.0.1:9092 --kills 30
-    python -m bench.sink_crashes --copies 3 --rounds 2        # three at once, twice, for load
+    python -m tests.stress.sink_crashes --bootstrap 127.0.0.1:9092 --kills 30
+    python -m tests.stress.sink_crashes --copies 3 --rounds 2        # three at once, twice, for load
 """
 
 from __future__ import annotations
@@ -41,12 +41,11 @@ from pathlib import Path
 import duckdb
 from confluent_kafka import TopicPartition
 
-from callstream.catalogue import topic
-from callstream.topics import ensure_topics
-from tests.warehouse.audit import TopicLog, audit, copy_db, stored_offsets
-from tests.warehouse.conftest import TrafficProducer
-
-REPO = Path(__file__).resolve().parents[1]
+from kernel.catalogue import topic
+from kernel.topics import ensure_topics
+from tests.support.audit import TopicLog, audit, copy_db, stored_offsets
+from tests.support.paths import REPO
+from tests.support.traffic import TrafficProducer
 
 
 class Traffic:
@@ -129,10 +128,16 @@ def one_copy(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"sink-crashes-{prefix}-"))
     db, parquet = work / "warehouse.duckdb", work / "parquet"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
-    env.update(CALLSTREAM_KAFKA_BOOTSTRAP=args.bootstrap, CALLSTREAM_TOPIC_PREFIX=prefix,
-               CALLSTREAM_WAREHOUSE=str(db), CALLSTREAM_PARQUET_DIR=str(parquet),
-               CALLSTREAM_BATCH_MAX_RECORDS=str(args.batch_records), CALLSTREAM_BATCH_MAX_SECONDS="0.3",
-               CALLSTREAM_PARQUET_MIN_INTERVAL_SECONDS="0.3", PYTHONUNBUFFERED="1")
+    env.update(
+        CALLSTREAM_KAFKA_BOOTSTRAP=args.bootstrap,
+        CALLSTREAM_TOPIC_PREFIX=prefix,
+        CALLSTREAM_WAREHOUSE=str(db),
+        CALLSTREAM_PARQUET_DIR=str(parquet),
+        CALLSTREAM_BATCH_MAX_RECORDS=str(args.batch_records),
+        CALLSTREAM_BATCH_MAX_SECONDS="0.3",
+        CALLSTREAM_PARQUET_MIN_INTERVAL_SECONDS="0.3",
+        PYTHONUNBUFFERED="1",
+    )
     traffic = Traffic(args.bootstrap, prefix, args.seed, args.chat_share, args.events, args.rate)
     log = TopicLog(args.bootstrap, prefix)
     tag = f"[{prefix}]"
@@ -159,8 +164,14 @@ def one_copy(args: argparse.Namespace) -> int:
             shutil.rmtree(work / "before", ignore_errors=True)
             copy_db(db, work / "before")
             with open(sink_log, "wb") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "callstream", "sink"], env=env, cwd=work,
-                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "callstream", "sink"],
+                    env=env,
+                    cwd=work,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
             t0 = time.monotonic()
             if rng.random() < 0.25:  # anywhere in the start-up: opening, WAL replay, assigning
                 early += 1
@@ -176,8 +187,9 @@ def one_copy(args: argparse.Namespace) -> int:
                 said = sink_log.read_text(errors="replace")
                 stop = short_load_stop(said)
                 if stop is None:
-                    return fail([f"the sink exited with {proc.returncode} before the kill", said[-3000:]],
-                                sink_log, f"run {i}")
+                    return fail(
+                        [f"the sink exited with {proc.returncode} before the kill", said[-3000:]], sink_log, f"run {i}"
+                    )
                 short_stops += 1  # the sink stopped as it should; the next start carries on
                 print(f"{tag} run {i}: the sink stopped on a short load: {stop}", flush=True)
             else:
@@ -198,15 +210,22 @@ def one_copy(args: argparse.Namespace) -> int:
             return fail(traffic.errors[:20], None, "producing")
         # As in the acceptance test, the final run loads with the default batch size.
         final_env = {k: v for k, v in env.items() if k != "CALLSTREAM_BATCH_MAX_RECORDS"}
-        final = subprocess.run([sys.executable, "-m", "callstream", "sink", "--until-caught-up"], env=final_env, cwd=work,
-                               capture_output=True, timeout=600)
+        final = subprocess.run(
+            [sys.executable, "-m", "callstream", "sink", "--until-caught-up"],
+            env=final_env,
+            cwd=work,
+            capture_output=True,
+            timeout=600,
+        )
         sink_log.write_bytes(final.stdout + final.stderr)
         if final.returncode != 0:
             return fail([f"the final sink exited with {final.returncode}"], sink_log, "final run")
         problems = audit(db, log)
         stored = stored_offsets(db)
         with duckdb.connect(str(db), read_only=True) as con:
-            keys = {k for (k,) in con.execute("SELECT call_id FROM calls UNION ALL SELECT chat_id FROM chats").fetchall()}
+            keys = {
+                k for (k,) in con.execute("SELECT call_id FROM calls UNION ALL SELECT chat_id FROM chats").fetchall()
+            }
         ends = {}
         for name in (topic(prefix, "call_analyzed"), topic(prefix, "chat_analyzed")):
             for part in range(3):
@@ -214,13 +233,18 @@ def one_copy(args: argparse.Namespace) -> int:
         if stored != ends:
             problems.append(f"the final run stopped at {stored}, the topics end at {ends}")
         if keys != set(traffic.sent):
-            problems.append(f"final: {len(set(traffic.sent) - keys)} keys sent but not loaded, "
-                            f"{len(keys - set(traffic.sent))} loaded but not sent")
+            problems.append(
+                f"final: {len(set(traffic.sent) - keys)} keys sent but not loaded, "
+                f"{len(keys - set(traffic.sent))} loaded but not sent"
+            )
         if problems:
             return fail(problems, sink_log, "after the final run")
-        print(f"{tag} ok: {kills} kills ({early} during start-up), {traffic.produced} messages, "
-              f"{len(traffic.sent)} keys, {short_stops} stops on a short load, {reloads} short loads found at a "
-              "restart", flush=True)
+        print(
+            f"{tag} ok: {kills} kills ({early} during start-up), {traffic.produced} messages, "
+            f"{len(traffic.sent)} keys, {short_stops} stops on a short load, {reloads} short loads found at a "
+            "restart",
+            flush=True,
+        )
         return 0
     finally:
         if proc is not None and proc.poll() is None:
@@ -244,8 +268,11 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=1, help="independent copies at once, for load (default 1)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat everything this many times (default 1)")
     ap.add_argument("--seed", type=int, default=None, help="first copy's seed (default: random)")
-    ap.add_argument("--keep", default=str(Path(tempfile.gettempdir()) / "sink-crashes-failures"),
-                    help="where failures' databases and logs are kept")
+    ap.add_argument(
+        "--keep",
+        default=str(Path(tempfile.gettempdir()) / "sink-crashes-failures"),
+        help="where failures' databases and logs are kept",
+    )
     ap.add_argument("--keep-work", action="store_true", help="keep every run's work folder")
     ap.add_argument("-v", "--verbose", action="store_true", help="a line per kill")
     args = ap.parse_args()
@@ -261,8 +288,19 @@ def main() -> int:
         procs.clear()
         for c in range(args.copies):
             s = seed + r * args.copies + c
-            procs.append(subprocess.Popen([sys.executable, "-m", "bench.sink_crashes", *_without(argv, "--copies", "--rounds", "--seed"),
-                                           "--seed", str(s)], cwd=REPO))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.stress.sink_crashes",
+                        *_without(argv, "--copies", "--rounds", "--seed"),
+                        "--seed",
+                        str(s),
+                    ],
+                    cwd=REPO,
+                )
+            )
         failed += sum(p.wait() != 0 for p in procs)
         print(f"round {r + 1}/{args.rounds}: {failed} failed copies so far", flush=True)
     return 1 if failed else 0

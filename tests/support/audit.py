@@ -22,10 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import pandas as pd
+import pyarrow.dataset as ds
 from confluent_kafka import Consumer, TopicPartition
 
-from callstream.catalogue import DEAD_LETTER, Header, topic
+from kernel.catalogue import DEAD_LETTER, Header, topic
 from warehouse import ledger
+from warehouse.read import connect
+from warehouse.schema import TABLES
 
 FAMILIES = {"call_analyzed": ("calls", "call_id"), "chat_analyzed": ("chats", "chat_id")}
 
@@ -210,3 +214,28 @@ def audit(db: Path, log: TopicLog) -> list[str]:
     if log.dead_letters:
         problems.append(f"{len(log.dead_letters)} dead letters: {log.dead_letters[:10]}")
     return problems
+
+
+def _rows(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple]:
+    t = next(t for t in TABLES if t.name == table)
+    cols = ", ".join(t.column_names)
+    return con.execute(f"SELECT {cols} FROM {table} ORDER BY {', '.join(t.key)}").fetchall()
+
+
+def assert_parquet_equals_duckdb(db: Path, parquet: Path) -> dict[str, int]:
+    """Every table: the same rows in the DuckDB file, the snapshot views, and a plain hive glob."""
+    counts = {}
+    with duckdb.connect(str(db), read_only=True) as con:
+        reader = connect(parquet)
+        for t in TABLES:
+            want = _rows(con, t.name)
+            assert _rows(reader, t.name) == want, f"{t.name}: Parquet snapshot differs from DuckDB"
+            counts[t.name] = len(want)
+            if want:
+                glob = str(parquet / t.name / "**" / "*.parquet")
+                n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning = true)").fetchall()
+                assert n == [(len(want),)]
+                assert len(pd.read_parquet(parquet / t.name)) == len(want)
+                assert ds.dataset(parquet / t.name, partitioning="hive").count_rows() == len(want)
+        reader.close()
+    return counts

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from callstream.catalogue import (
+from kernel.catalogue import (
     EVENT_NAMES,
     all_topics,
     event_topic,

@@ -13,9 +13,28 @@ import re
 import time
 from collections.abc import Sequence
 
-from gateway.errors import MalformedSignature, MissingSignature, SignatureError, StaleSignature
+from kernel.errors import CallstreamError
 
 TOLERANCE_MS = 5 * 60 * 1000
+
+
+class SignatureError(CallstreamError):
+    """The delivery is not signed by a key we hold. Nothing is stored."""
+
+    reason = "bad_signature"
+
+
+class MissingSignature(SignatureError):
+    reason = "missing_signature"
+
+
+class MalformedSignature(SignatureError):
+    reason = "malformed_signature"
+
+
+class StaleSignature(SignatureError):
+    reason = "stale_signature"
+
 _HEADER = re.compile(rb"v=(\d{1,16}),d=([0-9a-f]{64})")
 
 

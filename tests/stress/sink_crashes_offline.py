@@ -6,12 +6,13 @@ from a seed (analyzed calls and chats, immediate duplicates, later re-deliveries
 --rate messages per second from a fixed start, so every restart sees the same log. After every kill
 the database must hold, for each stored offset, exactly the keys the log holds below it, from their
 last delivery, with every child row. Without a broker a run is cheap, so it reaches many more kills
-per minute than bench/sink_crashes.py. The check is the acceptance test's (tests/warehouse/audit.py),
-and short loads caught by the sink's checks are counted as in bench/sink_crashes.py.
+per minute than tests/stress/sink_crashes.py. The check is the acceptance test's (tests/support/audit.py),
+and short loads caught by the sink's checks are counted as in tests/stress/sink_crashes.py.
 
-    python -m bench.sink_crashes_offline run --seed 1 --kills 40
-    python -m bench.sink_crashes_offline run --seed 102 --kills 40 -v
+    python -m tests.stress.sink_crashes_offline run --seed 1 --kills 40
+    python -m tests.stress.sink_crashes_offline run --seed 102 --kills 40 -v
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,12 @@ import time
 import zlib
 from pathlib import Path
 
-from bench.sink_crashes import audited, loaded_rows, short_load_stop
-from callstream.catalogue import Header, topic
 from callstream.fakecalls import CallFactory, Fleet
-from tests.warehouse.audit import Offsets, copy_db, database_problems, restart_state, stored_offsets
+from kernel.catalogue import Header, topic
+from tests.stress.sink_crashes import audited, loaded_rows, short_load_stop
+from tests.support.audit import Offsets, copy_db, database_problems, restart_state, stored_offsets
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PREFIX = "fake"
 CALLS, CHATS = topic(PREFIX, "call_analyzed"), topic(PREFIX, "chat_analyzed")
 PARTS = 3
@@ -43,7 +44,9 @@ def build_log(seed: int, n: int, chat_share: float) -> tuple[dict[tuple[str, int
     rng = random.Random(seed)
     keys: list[tuple[str, str]] = []
     bodies: dict[str, bytes] = {}
-    out: dict[tuple[str, int], list[tuple[int, str, bytes]]] = {(t, p): [] for t in (CALLS, CHATS) for p in range(PARTS)}
+    out: dict[tuple[str, int], list[tuple[int, str, bytes]]] = {
+        (t, p): [] for t in (CALLS, CHATS) for p in range(PARTS)
+    }
     now = 1_790_000_000_000
     g = 0
 
@@ -75,14 +78,29 @@ class Msg:
     def __init__(self, t: str, p: int, o: int, k: str, v: bytes) -> None:
         self._t, self._p, self._o, self._k, self._v = t, p, o, k, v
 
-    def error(self): return None
-    def topic(self): return self._t
-    def partition(self): return self._p
-    def offset(self): return self._o
-    def value(self): return self._v
-    def key(self): return self._k.encode()
-    def headers(self): return [(Header.RECEIVED_AT, b"1790000000000")]
-    def timestamp(self): return (1, 1790000000000)
+    def error(self):
+        return None
+
+    def topic(self):
+        return self._t
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def value(self):
+        return self._v
+
+    def key(self):
+        return self._k.encode()
+
+    def headers(self):
+        return [(Header.RECEIVED_AT, b"1790000000000")]
+
+    def timestamp(self):
+        return (1, 1790000000000)
 
 
 class FakeConsumer:
@@ -136,8 +154,11 @@ class FakeConsumer:
             time.sleep(timeout)
         return got
 
-    def commit(self, *a, **k): pass
-    def close(self): pass
+    def commit(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
 
 
 def child(args) -> None:
@@ -145,11 +166,20 @@ def child(args) -> None:
 
     import warehouse.sink as ws
     from warehouse.settings import SinkSettings
+
     log = pickle.loads(Path(args.log).read_bytes())
     ws.ensure_topics = lambda *a, **k: []
-    cfg = SinkSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix=PREFIX, warehouse=args.db, parquet_dir=args.parquet,
-                       batch_max_records=args.batch_records, batch_max_seconds=0.3, parquet_min_interval_seconds=0.3)
+    cfg = SinkSettings(
+        kafka_bootstrap="127.0.0.1:1",
+        topic_prefix=PREFIX,
+        warehouse=args.db,
+        parquet_dir=args.parquet,
+        batch_max_records=args.batch_records,
+        batch_max_seconds=0.3,
+        parquet_min_interval_seconds=0.3,
+    )
     import pyarrow as pa
+
     pa.set_memory_pool(pa.system_memory_pool())
     sys.setswitchinterval(0.0005)
     if args.lose_rows:
@@ -170,8 +200,9 @@ def lose_rows(ws, share: float, silently: bool) -> None:
     def check_committed(con, seq: int, rows: dict[str, int]) -> None:
         if rows and rng.random() < share:
             table = rng.choice(sorted(rows))
-            con.execute(f"DELETE FROM {table} WHERE rowid = (SELECT min(rowid) FROM {table} WHERE _load_seq = ?)",
-                        [seq]).fetchall()
+            con.execute(
+                f"DELETE FROM {table} WHERE rowid = (SELECT min(rowid) FROM {table} WHERE _load_seq = ?)", [seq]
+            ).fetchall()
             print(f"harness: lost a row of load {seq} in {table}", flush=True)
             if silently:
                 return
@@ -199,15 +230,37 @@ def check(db: Path, log) -> list[str]:
 
 def parent(args) -> int:
     import pickle
+
     log, total = build_log(args.seed, args.events, args.chat_share)
     work = Path(tempfile.mkdtemp(prefix=f"fake-sink-{args.seed}-"))
     (work / "log.pickle").write_bytes(pickle.dumps(log))
     db, parquet = work / "w.duckdb", work / "parquet"
     rng = random.Random(args.seed)
     start = time.time() + 1.0
-    base = [sys.executable, "-m", "bench.sink_crashes_offline", "child", "--db", str(db), "--parquet", str(parquet), "--seed", str(args.seed),
-            "--events", str(args.events), "--chat-share", str(args.chat_share), "--rate", str(args.rate),
-            "--start", str(start), "--log", str(work / "log.pickle"), "--batch-records", str(args.batch_records)]
+    base = [
+        sys.executable,
+        "-m",
+        "tests.stress.sink_crashes_offline",
+        "child",
+        "--db",
+        str(db),
+        "--parquet",
+        str(parquet),
+        "--seed",
+        str(args.seed),
+        "--events",
+        str(args.events),
+        "--chat-share",
+        str(args.chat_share),
+        "--rate",
+        str(args.rate),
+        "--start",
+        str(start),
+        "--log",
+        str(work / "log.pickle"),
+        "--batch-records",
+        str(args.batch_records),
+    ]
     losing = ["--lose-rows", str(args.lose_rows), *(["--lose-silently"] if args.lose_silently else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
     out_log = work / "child.log"
@@ -244,7 +297,10 @@ def parent(args) -> int:
             copy_db(db, keep / "after")
             shutil.copytree(work / "before", keep / "before", dirs_exist_ok=True)
             shutil.copy2(out_log, keep / "child.log")
-            print(f"[{args.seed}] FAILED after kill {i} ({time.monotonic() - t0:.2f}s): {problems}\n kept in {keep}", flush=True)
+            print(
+                f"[{args.seed}] FAILED after kill {i} ({time.monotonic() - t0:.2f}s): {problems}\n kept in {keep}",
+                flush=True,
+            )
             return 1
         if args.verbose:
             print(f"[{args.seed}] kill {i} after {time.monotonic() - t0:.2f}s ok, {loaded_rows(db)} rows", flush=True)
@@ -256,12 +312,17 @@ def parent(args) -> int:
     offsets = stored_offsets(db)
     ends = {tp: len(v) for tp, v in log.items() if v}
     if proc.returncode != 0 or offsets != ends:
-        problems.append(f"final run: rc {proc.returncode}, offsets {offsets} vs {ends}: {proc.stdout[-2000:]!r} {proc.stderr[-2000:]!r}")
+        problems.append(
+            f"final run: rc {proc.returncode}, offsets {offsets} vs {ends}: {proc.stdout[-2000:]!r} {proc.stderr[-2000:]!r}"
+        )
     if problems:
         print(f"[{args.seed}] FAILED final: {problems}", flush=True)
         return 1
-    print(f"[{args.seed}] ok: {args.kills} kills, {total} messages, {short_stops} stops on a short load, "
-          f"{reloads} short loads found at a restart", flush=True)
+    print(
+        f"[{args.seed}] ok: {args.kills} kills, {total} messages, {short_stops} stops on a short load, "
+        f"{reloads} short loads found at a restart",
+        flush=True,
+    )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -282,15 +343,26 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=40)
     ap.add_argument("--max-delay", type=float, default=2.0)
     ap.add_argument("--until-caught-up", action="store_true")
-    ap.add_argument("--lose-rows", type=float, default=0.0, metavar="SHARE",
-                    help="exercise the repair: delete a row of this share of the loads right after their COMMIT "
-                         "(not in the final run)")
-    ap.add_argument("--lose-silently", action="store_true",
-                    help="with --lose-rows, skip the sink's check after COMMIT, so only its next start sees the loss")
+    ap.add_argument(
+        "--lose-rows",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="exercise the repair: delete a row of this share of the loads right after their COMMIT "
+        "(not in the final run)",
+    )
+    ap.add_argument(
+        "--lose-silently",
+        action="store_true",
+        help="with --lose-rows, skip the sink's check after COMMIT, so only its next start sees the loss",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the work folder of a passing run")
-    ap.add_argument("--keep-failures", default=str(Path(tempfile.gettempdir()) / "sink-crashes-offline"),
-                    help="where a failure's databases (before and after the failing run) and log are kept")
+    ap.add_argument(
+        "--keep-failures",
+        default=str(Path(tempfile.gettempdir()) / "sink-crashes-offline"),
+        help="where a failure's databases (before and after the failing run) and log are kept",
+    )
     args = ap.parse_args()
     if args.mode == "child":
         child(args)
