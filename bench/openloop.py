@@ -43,8 +43,9 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def run(host: str, port: int, requests: list[bytes], rate: float, seconds: float,
-              connections: int = 64) -> OpenLoopResult:
+async def run(
+    host: str, port: int, requests: list[bytes], rate: float, seconds: float, connections: int = 64
+) -> OpenLoopResult:
     """Send `requests` (complete HTTP/1.1 request bytes, cycled) at `rate`/s for `seconds`."""
     res = OpenLoopResult(rate=rate, seconds=seconds)
     free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()

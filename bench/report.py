@@ -15,14 +15,19 @@ def machine() -> str:
     """Cores, CPU model, RAM, OS and Python, as the results tables state them."""
     cpu = "unknown CPU"
     with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     ram = "unknown RAM"
     with contextlib.suppress(OSError, AttributeError):
         kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
         ram = f"{kb / 1024 / 1024:.0f} GiB RAM"
-    return (f"{os.cpu_count()} cores ({cpu}), {ram}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {ram}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def write_section(name: str, text: str) -> None:
@@ -31,7 +36,7 @@ def write_section(name: str, text: str) -> None:
     block = f"{start}\n{text.strip()}\n{end}"
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     RESULTS.write_text(new.rstrip("\n") + "\n")

@@ -43,8 +43,14 @@ def prefill(bootstrap: str, prefix: str, events: int) -> tuple[int, int]:
     generator repeats a call id, whose second "call" is then deduplicated like a redelivery.
     """
     offline = Processor(DictStore(), load_config())
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
-                  "queue.buffering.max.messages": 1_000_000})
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
     f = CallFactory(Fleet(seed=2, agents=5), seed=2, turns=(4, 8))
     n = 0
     now = int(time.time() * 1000)
@@ -53,8 +59,12 @@ def prefill(bootstrap: str, prefix: str, events: int) -> tuple[int, int]:
             body = ev.body()
             while True:
                 try:
-                    p.produce(topic(prefix, ev.event), key=ev.key, value=body,
-                              headers=[(Header.EVENT, ev.event), (Header.RECEIVED_AT, str(now + n // 100))])
+                    p.produce(
+                        topic(prefix, ev.event),
+                        key=ev.key,
+                        value=body,
+                        headers=[(Header.EVENT, ev.event), (Header.RECEIVED_AT, str(now + n // 100))],
+                    )
                     offline.process([In(0, ev.event, ev.key.encode(), body, now + n // 100)])
                     break
                 except BufferError:
@@ -68,8 +78,14 @@ def prefill(bootstrap: str, prefix: str, events: int) -> tuple[int, int]:
 
 def ceiling(bootstrap: str, prefix: str, expect: int) -> float:
     """A plain confluent-kafka consume loop over the same topics: the events/s one process can read."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     tps = [TopicPartition(topic(prefix, e), p, 0) for e in EVENT_NAMES for p in range(3)]
     c.assign(tps)
     got, t0 = 0, time.perf_counter()
@@ -85,14 +101,24 @@ def ceiling(bootstrap: str, prefix: str, expect: int) -> float:
 
 def _env(bootstrap: str, prefix: str, tmp: Path, key: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "RETELL_"))}
-    env.update(CALLSTREAM_KAFKA_BOOTSTRAP=bootstrap, CALLSTREAM_TOPIC_PREFIX=prefix, CALLSTREAM_API_KEYS=key,
-               CALLSTREAM_DATA_DIR=str(tmp / f"faust-{prefix}"), CALLSTREAM_LOG_LEVEL="WARNING")
+    env.update(
+        CALLSTREAM_KAFKA_BOOTSTRAP=bootstrap,
+        CALLSTREAM_TOPIC_PREFIX=prefix,
+        CALLSTREAM_API_KEYS=key,
+        CALLSTREAM_DATA_DIR=str(tmp / f"faust-{prefix}"),
+        CALLSTREAM_LOG_LEVEL="WARNING",
+    )
     return env
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "callstream", *args], env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "callstream", *args],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _events_counted(url: str) -> int:
@@ -145,7 +171,10 @@ def latency(bootstrap: str, prefix: str, tmp: Path, rate: float, seconds: float)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{gurl}/healthz").status_code == 200 and httpx.get(f"{wurl}/api/counts").json()["complete"]:
+                if (
+                    httpx.get(f"{gurl}/healthz").status_code == 200
+                    and httpx.get(f"{wurl}/api/counts").json()["complete"]
+                ):
                     break
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
@@ -169,8 +198,12 @@ def latency(bootstrap: str, prefix: str, tmp: Path, rate: float, seconds: float)
                 wait = t0 + i / rate - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
-                p.produce(topic(prefix, ev.event), key=ev.key, value=ev.body(),
-                          headers=[(Header.EVENT, ev.event), (Header.RECEIVED_AT, str(int(time.time() * 1000)))])
+                p.produce(
+                    topic(prefix, ev.event),
+                    key=ev.key,
+                    value=ev.body(),
+                    headers=[(Header.EVENT, ev.event), (Header.RECEIVED_AT, str(int(time.time() * 1000)))],
+                )
                 p.poll(0)
                 sent[0] = i + 1
             p.flush()
@@ -226,8 +259,13 @@ def main() -> None:
         broker = None
         bootstrap = os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP")
         if not bootstrap:
-            broker = LocalKafka(home=tmp / "kafka", port=free_port(), controller_port=free_port(), heap="1g",
-                                jars=REPO / ".kafka" / "jars" / KAFKA_VERSION)
+            broker = LocalKafka(
+                home=tmp / "kafka",
+                port=free_port(),
+                controller_port=free_port(),
+                heap="1g",
+                jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
+            )
             broker.start(wait=120, say=lambda s: print(s, file=sys.stderr))
             bootstrap = broker.bootstrap
         try:

@@ -61,16 +61,30 @@ class Pool:
 
 
 def produce(bootstrap: str, prefix: str, pool: Pool, n: int) -> float:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "batch.size": 1_000_000,
-                  "compression.type": "lz4", "queue.buffering.max.kbytes": 262144})
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 50,
+            "batch.size": 1_000_000,
+            "compression.type": "lz4",
+            "queue.buffering.max.kbytes": 262144,
+        }
+    )
     t = topic(prefix, "call_analyzed")
     t0 = time.monotonic()
     for i in range(n):
         body, key = pool.body(i)
         while True:
             try:
-                p.produce(t, key=key, value=body, headers=[(Header.EVENT, b"call_analyzed"),
-                                                           (Header.RECEIVED_AT, str(int(time.time() * 1000)).encode())])
+                p.produce(
+                    t,
+                    key=key,
+                    value=body,
+                    headers=[
+                        (Header.EVENT, b"call_analyzed"),
+                        (Header.RECEIVED_AT, str(int(time.time() * 1000)).encode()),
+                    ],
+                )
                 break
             except BufferError:
                 p.poll(0.05)
@@ -89,9 +103,13 @@ def _cpu() -> float:
 
 def bench_sink(bootstrap: str, prefix: str, work: Path) -> tuple[float, float, float, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
-    env.update(CALLSTREAM_KAFKA_BOOTSTRAP=bootstrap, CALLSTREAM_TOPIC_PREFIX=prefix,
-               CALLSTREAM_WAREHOUSE=str(work / "warehouse.duckdb"), CALLSTREAM_PARQUET_DIR=str(work / "parquet"),
-               CALLSTREAM_LOG_LEVEL="WARNING")
+    env.update(
+        CALLSTREAM_KAFKA_BOOTSTRAP=bootstrap,
+        CALLSTREAM_TOPIC_PREFIX=prefix,
+        CALLSTREAM_WAREHOUSE=str(work / "warehouse.duckdb"),
+        CALLSTREAM_PARQUET_DIR=str(work / "parquet"),
+        CALLSTREAM_LOG_LEVEL="WARNING",
+    )
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "callstream", "sink", "--until-caught-up"], env=env, cwd=work)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -132,13 +150,18 @@ def bench_dlt(pool: Pool, n: int, work: Path, nesting: int | None) -> float | No
         return None
     rows = [orjson.loads(pool.body(i)[0])["call"] for i in range(n)]
     name = f"bench_{uuid.uuid4().hex[:8]}"
-    pipe = dlt.pipeline(pipeline_name=name, destination=dlt.destinations.duckdb(str(work / f"{name}.duckdb")),
-                        dataset_name="calls", pipelines_dir=str(work / "dlt"))
+    pipe = dlt.pipeline(
+        pipeline_name=name,
+        destination=dlt.destinations.duckdb(str(work / f"{name}.duckdb")),
+        dataset_name="calls",
+        pipelines_dir=str(work / "dlt"),
+    )
     if nesting is None:
         res = dlt.resource(rows, name="calls", primary_key="call_id", write_disposition="merge")
     else:
-        res = dlt.resource(rows, name="calls", primary_key="call_id", write_disposition="merge",
-                           max_table_nesting=nesting)
+        res = dlt.resource(
+            rows, name="calls", primary_key="call_id", write_disposition="merge", max_table_nesting=nesting
+        )
     t0 = time.monotonic()
     pipe.run(res)
     return time.monotonic() - t0
@@ -148,8 +171,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=100_000, help="analyzed calls for the sink and the ceiling")
     ap.add_argument("--dlt-calls", type=int, default=500, help="calls for each dlt run (0: skip dlt)")
-    ap.add_argument("--bootstrap", default=os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP"),
-                    help="an existing broker (default: start one for the run)")
+    ap.add_argument(
+        "--bootstrap",
+        default=os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP"),
+        help="an existing broker (default: start one for the run)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
 
@@ -160,8 +186,13 @@ def main() -> None:
         if not bootstrap:
             from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
 
-            broker = LocalKafka(home=work / "kafka", port=free_port(), controller_port=free_port(), heap="1g",
-                                jars=REPO / ".kafka" / "jars" / KAFKA_VERSION)
+            broker = LocalKafka(
+                home=work / "kafka",
+                port=free_port(),
+                controller_port=free_port(),
+                heap="1g",
+                jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
+            )
             broker.start(wait=120)
             bootstrap = broker.bootstrap
         prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -206,16 +237,22 @@ def main() -> None:
             f"{ceil_cpu:.1f} | | no Kafka, no Parquet, no replace |",
         ]
         for label, s in dlt_rows:
-            lines.append(f"| dlt[duckdb] merge on call_id, {label} | {args.dlt_calls} | {s:.1f} | "
-                         f"{args.dlt_calls / s:,.0f} | | | same call objects, already decoded |")
-        lines += ["", "The sink decodes on one thread while a second one commits the previous batch to DuckDB "
-                  "(librdkafka and DuckDB release the GIL), so with two free cores it runs close to the "
-                  "single-threaded ceiling; the CPU it spends beyond the ceiling is Kafka fetching, the replace "
-                  "check, the row counts before and after each COMMIT, the load ledger, Parquet writing and commits of "
-                  "both the data and the offsets. On a busy machine it "
-                  "competes for the second core, so its share of the ceiling drops.",
-                  "", "Targets: >= 2,000 calls/s per sink process, >= 70% of the ceiling, peak RSS < 500 MB "
-                  "at 100,000 calls. Re-run: `make bench-warehouse` (`BENCH_ARGS='--calls 5000'` for a quick one)."]
+            lines.append(
+                f"| dlt[duckdb] merge on call_id, {label} | {args.dlt_calls} | {s:.1f} | "
+                f"{args.dlt_calls / s:,.0f} | | | same call objects, already decoded |"
+            )
+        lines += [
+            "",
+            "The sink decodes on one thread while a second one commits the previous batch to DuckDB "
+            "(librdkafka and DuckDB release the GIL), so with two free cores it runs close to the "
+            "single-threaded ceiling; the CPU it spends beyond the ceiling is Kafka fetching, the replace "
+            "check, the row counts before and after each COMMIT, the load ledger, Parquet writing and commits of "
+            "both the data and the offsets. On a busy machine it "
+            "competes for the second core, so its share of the ceiling drops.",
+            "",
+            "Targets: >= 2,000 calls/s per sink process, >= 70% of the ceiling, peak RSS < 500 MB "
+            "at 100,000 calls. Re-run: `make bench-warehouse` (`BENCH_ARGS='--calls 5000'` for a quick one).",
+        ]
         section = "\n".join(lines)
         print(section)
         if not args.no_write:

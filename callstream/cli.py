@@ -59,8 +59,12 @@ def _local(port: int | None, home: str | None) -> LocalKafka:
     return LocalKafka(home=default_home() if home is None else Path(home), host=host, port=port or default_port)
 
 
-_port = click.option("--port", type=int, default=None, help="Broker port (default: from CALLSTREAM_KAFKA_BOOTSTRAP, 9092).")
-_home = click.option("--home", default=None, help="Folder for jars, data and logs (default CALLSTREAM_KAFKA_HOME or ./.kafka).")
+_port = click.option(
+    "--port", type=int, default=None, help="Broker port (default: from CALLSTREAM_KAFKA_BOOTSTRAP, 9092)."
+)
+_home = click.option(
+    "--home", default=None, help="Folder for jars, data and logs (default CALLSTREAM_KAFKA_HOME or ./.kafka)."
+)
 
 
 @kafka.command("start")
@@ -113,7 +117,9 @@ def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
         cfg = GatewaySettings()
     except ValidationError as exc:
         raise _settings_error(exc) from exc
-    click.echo(f"gateway: http://{host}:{port}/webhook -> kafka {cfg.kafka_bootstrap} (prefix {cfg.topic_prefix})", err=True)
+    click.echo(
+        f"gateway: http://{host}:{port}/webhook -> kafka {cfg.kafka_bootstrap} (prefix {cfg.topic_prefix})", err=True
+    )
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         import atexit
         import shutil
@@ -123,8 +129,15 @@ def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="callstream-gateway-metrics-")
         atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
     uvicorn.run(
-        "gateway.app:create_app", factory=True, host=host, port=port, workers=workers,
-        log_level=ctx.obj["log_level"].lower(), access_log=False, http="httptools", loop="uvloop",
+        "gateway.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=ctx.obj["log_level"].lower(),
+        access_log=False,
+        http="httptools",
+        loop="uvloop",
         timeout_graceful_shutdown=10,
         # The gateway reads X-Forwarded-For itself, and only from CALLSTREAM_TRUSTED_PROXIES; uvicorn's
         # own handling would trust any loopback peer and let a forged header pass the allowlist.
@@ -148,7 +161,9 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
     from streams.app import create_app
     from streams.settings import WorkerSettings
 
-    overrides: dict[str, object] = {k: v for k, v in {"web_host": web_host, "web_port": web_port}.items() if v is not None}
+    overrides: dict[str, object] = {
+        k: v for k, v in {"web_host": web_host, "web_port": web_port}.items() if v is not None
+    }
     try:
         cfg = WorkerSettings.model_validate(overrides)
     except ValidationError as exc:
@@ -206,17 +221,34 @@ def _first_key() -> str | None:
 @main.command()
 @click.option("--url", default="http://127.0.0.1:8000/webhook", show_default=True, help="The gateway's webhook URL.")
 @click.option("--calls", default=200, show_default=True, help="Calls and chats to simulate (ignored with --duration).")
-@click.option("--duration", type=float, default=None, help="Run for this many seconds instead of a fixed number of calls.")
+@click.option(
+    "--duration", type=float, default=None, help="Run for this many seconds instead of a fixed number of calls."
+)
 @click.option("--rate", default=200.0, show_default=True, help="Deliveries per second (0: as fast as possible).")
 @click.option("--concurrency", default=64, show_default=True, help="Deliveries in flight at once.")
-@click.option("--duplicates", default=0.03, show_default=True, help="Share of events delivered twice (the sender's retries).")
+@click.option(
+    "--duplicates", default=0.03, show_default=True, help="Share of events delivered twice (the sender's retries)."
+)
 @click.option("--reorder", default=0.02, show_default=True, help="Share of calls with two neighbouring events swapped.")
 @click.option("--agents", default=5, show_default=True, help="Distinct agents.")
 @click.option("--seed", default=1, show_default=True)
-@click.option("--key", default=None, help="API key to sign with (default: the first of CALLSTREAM_API_KEYS or RETELL_API_KEY).")
+@click.option(
+    "--key", default=None, help="API key to sign with (default: the first of CALLSTREAM_API_KEYS or RETELL_API_KEY)."
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def simulate(url: str, calls: int, duration: float | None, rate: float, concurrency: int, duplicates: float,
-             reorder: float, agents: int, seed: int, key: str | None, no_progress: bool) -> None:
+def simulate(
+    url: str,
+    calls: int,
+    duration: float | None,
+    rate: float,
+    concurrency: int,
+    duplicates: float,
+    reorder: float,
+    agents: int,
+    seed: int,
+    key: str | None,
+    no_progress: bool,
+) -> None:
     """Realistic, signed webhook traffic against a gateway, at a given rate."""
     from tqdm import tqdm
 
@@ -226,9 +258,21 @@ def simulate(url: str, calls: int, duration: float | None, rate: float, concurre
     if not key:
         click.echo("simulate: no API key (CALLSTREAM_API_KEYS / RETELL_API_KEY / --key); sending unsigned", err=True)
     with tqdm(unit="req", disable=no_progress, file=sys.stderr, desc="simulate") as bar:
-        res = asyncio.run(run(url, key, calls=calls, rate=rate, duration=duration, concurrency=concurrency,
-                              duplicate_rate=duplicates, reorder_rate=reorder, seed=seed, agents=agents,
-                              progress=bar.update))
+        res = asyncio.run(
+            run(
+                url,
+                key,
+                calls=calls,
+                rate=rate,
+                duration=duration,
+                concurrency=concurrency,
+                duplicate_rate=duplicates,
+                reorder_rate=reorder,
+                seed=seed,
+                agents=agents,
+                progress=bar.update,
+            )
+        )
     click.echo(res.summary())
     if res.failed:
         sys.exit(1)
@@ -239,7 +283,9 @@ def simulate(url: str, calls: int, duration: float | None, rate: float, concurre
 @click.option("--rate", default=100.0, show_default=True, help="Deliveries per second for the simulation.")
 @click.option("--gateway-port", default=8000, show_default=True)
 @click.option("--web-port", default=6066, show_default=True, help="The worker's dashboard port.")
-@click.option("--exit-after-summary", is_flag=True, help="Stop everything after the summary instead of waiting for Ctrl-C.")
+@click.option(
+    "--exit-after-summary", is_flag=True, help="Stop everything after the summary instead of waiting for Ctrl-C."
+)
 def up(calls: int, rate: float, gateway_port: int, web_port: int, exit_after_summary: bool) -> None:
     """Everything on one machine for a first run: Kafka, gateway, worker, sink, and simulated calls.
 

@@ -118,15 +118,23 @@ def _with_tool_calls(rng: random.Random, utterances: list[dict[str, Any]]) -> tu
             n += 1
             tid = "tool_call_" + _id(rng, 12)
             name = rng.choice(_TOOLS)
-            out.append({
-                "role": "tool_call_invocation", "tool_call_id": tid, "name": name,
-                "arguments": orjson.dumps({"date": "2026-12-01", "slot": "14:00"}).decode(),
-            })
+            out.append(
+                {
+                    "role": "tool_call_invocation",
+                    "tool_call_id": tid,
+                    "name": name,
+                    "arguments": orjson.dumps({"date": "2026-12-01", "slot": "14:00"}).decode(),
+                }
+            )
             ok = rng.random() < 0.9
-            out.append({
-                "role": "tool_call_result", "tool_call_id": tid, "successful": ok,
-                "content": orjson.dumps({"ok": ok, "slots": ["10:00", "14:00"]}).decode(),
-            })
+            out.append(
+                {
+                    "role": "tool_call_result",
+                    "tool_call_id": tid,
+                    "successful": ok,
+                    "content": orjson.dumps({"ok": ok, "slots": ["10:00", "14:00"]}).decode(),
+                }
+            )
     return out, n
 
 
@@ -134,9 +142,14 @@ def _latency(rng: random.Random) -> dict[str, Any]:
     def block(base: float) -> dict[str, Any]:
         vals = sorted(base * (0.7 + rng.random() * 0.8) for _ in range(8))
         return {
-            "p50": round(vals[4], 1), "p90": round(vals[7], 1), "p95": round(vals[7], 1),
-            "p99": round(vals[7], 1), "min": round(vals[0], 1), "max": round(vals[7], 1),
-            "num": len(vals), "values": [round(v, 1) for v in vals],
+            "p50": round(vals[4], 1),
+            "p90": round(vals[7], 1),
+            "p95": round(vals[7], 1),
+            "p99": round(vals[7], 1),
+            "min": round(vals[0], 1),
+            "max": round(vals[7], 1),
+            "num": len(vals),
+            "values": [round(v, 1) for v in vals],
         }
 
     return {"e2e": block(900), "llm": block(450), "tts": block(180), "asr": block(120)}
@@ -197,14 +210,28 @@ class CallFactory:
 
         if not connected:
             reason = rng.choice(FAILED_DIAL_REASONS)
-            ended = {**base, "call_status": "not_connected", "end_timestamp": now + 1500 + rng.randint(0, 20000),
-                     "disconnection_reason": reason, "duration_ms": 0, "transcript": "",
-                     "transcript_object": [], "transcript_with_tool_calls": []}
+            ended = {
+                **base,
+                "call_status": "not_connected",
+                "end_timestamp": now + 1500 + rng.randint(0, 20000),
+                "disconnection_reason": reason,
+                "duration_ms": 0,
+                "transcript": "",
+                "transcript_object": [],
+                "transcript_with_tool_calls": [],
+            }
             ended["call_cost"] = self._cost(0)
             out.append(Event("call_ended", cid, {"event": "call_ended", "call": ended}))
-            analysis = {"call_summary": "The call did not connect.", "in_voicemail": False,
-                        "user_sentiment": "Unknown", "call_successful": False, "custom_analysis_data": {}}
-            out.append(Event("call_analyzed", cid, {"event": "call_analyzed", "call": {**ended, "call_analysis": analysis}}))
+            analysis = {
+                "call_summary": "The call did not connect.",
+                "in_voicemail": False,
+                "user_sentiment": "Unknown",
+                "call_successful": False,
+                "custom_analysis_data": {},
+            }
+            out.append(
+                Event("call_analyzed", cid, {"event": "call_analyzed", "call": {**ended, "call_analysis": analysis}})
+            )
             return out
 
         started = {**base, "call_status": "ongoing"}
@@ -218,8 +245,12 @@ class CallFactory:
         # transcript_updated repeats with a growing transcript (a few snapshots, the last one full).
         for k in sorted({max(1, turns // 3), max(1, 2 * turns // 3), turns}):
             part = utts[:k]
-            snap = {**started, "transcript": _text(part), "transcript_object": part,
-                    "transcript_with_tool_calls": [u for u in with_tools if u.get("role") in ("agent", "user")][:k]}
+            snap = {
+                **started,
+                "transcript": _text(part),
+                "transcript_object": part,
+                "transcript_with_tool_calls": [u for u in with_tools if u.get("role") in ("agent", "user")][:k],
+            }
             out.append(Event("transcript_updated", cid, {"event": "transcript_updated", "call": snap}))
 
         duration = int((utts[-1]["words"][-1]["end"] + 1.5) * 1000) if utts else 4000
@@ -251,13 +282,21 @@ class CallFactory:
         ended = {
             **started,
             "call_status": "error" if scenario == "error" else "ended",
-            "end_timestamp": end, "duration_ms": duration, "disconnection_reason": reason,
-            "transcript": _text(utts), "transcript_object": utts, "transcript_with_tool_calls": with_tools,
+            "end_timestamp": end,
+            "duration_ms": duration,
+            "disconnection_reason": reason,
+            "transcript": _text(utts),
+            "transcript_object": utts,
+            "transcript_with_tool_calls": with_tools,
             "recording_url": f"https://recordings.example.com/{cid}.wav",
             "public_log_url": f"https://logs.example.com/{cid}.txt",
-            "latency": _latency(rng), "call_cost": self._cost(duration),
-            "llm_token_usage": {"average": 1800.0, "num_requests": float(turns // 2 + 1),
-                                "values": [1700.0, 1800.0, 1900.0]},
+            "latency": _latency(rng),
+            "call_cost": self._cost(duration),
+            "llm_token_usage": {
+                "average": 1800.0,
+                "num_requests": float(turns // 2 + 1),
+                "values": [1700.0, 1800.0, 1900.0],
+            },
             "collected_dynamic_variables": {"appointment": "2026-12-01T14:00"},
         }
         if scenario in ("transfer_bridged", "transfer_cancelled"):
@@ -265,12 +304,17 @@ class CallFactory:
             ended["transfer_end_timestamp"] = end
         out.append(Event("call_ended", cid, {"event": "call_ended", "call": ended}))
         analysis = {
-            "call_summary": "The caller booked a cleaning appointment for Thursday at two." if successful
+            "call_summary": "The caller booked a cleaning appointment for Thursday at two."
+            if successful
             else "The caller's request was not resolved.",
-            "in_voicemail": in_voicemail, "user_sentiment": sentiment, "call_successful": successful,
+            "in_voicemail": in_voicemail,
+            "user_sentiment": sentiment,
+            "call_successful": successful,
             "custom_analysis_data": {"appointment_booked": successful, "topic": "scheduling"},
         }
-        out.append(Event("call_analyzed", cid, {"event": "call_analyzed", "call": {**ended, "call_analysis": analysis}}))
+        out.append(
+            Event("call_analyzed", cid, {"event": "call_analyzed", "call": {**ended, "call_analysis": analysis}})
+        )
         return out
 
     def _cost(self, duration_ms: int) -> dict[str, Any]:
@@ -293,9 +337,13 @@ class CallFactory:
         rng = self.rng
         now = int(time.time() * 1000) if now_ms is None else now_ms
         base: dict[str, Any] = {
-            "chat_id": "chat_" + _id(rng, 28), "agent_id": rng.choice(self.fleet.agent_ids),
-            "chat_status": "ongoing", "chat_type": rng.choice(("api_chat", "sms_chat")),
-            "start_timestamp": now, "metadata": {}, "retell_llm_dynamic_variables": {"customer_name": "Sam"},
+            "chat_id": "chat_" + _id(rng, 28),
+            "agent_id": rng.choice(self.fleet.agent_ids),
+            "chat_status": "ongoing",
+            "chat_type": rng.choice(("api_chat", "sms_chat")),
+            "start_timestamp": now,
+            "metadata": {},
+            "retell_llm_dynamic_variables": {"customer_name": "Sam"},
             "version": 1,
         }
         base.update(overrides)
@@ -305,15 +353,32 @@ class CallFactory:
         for i in range(rng.randint(4, 10)):
             role = "agent" if i % 2 == 0 else "user"
             t += rng.randint(2000, 30000)
-            msgs.append({"message_id": "msg_" + _id(rng, 16), "role": role, "created_timestamp": t,
-                         "content": rng.choice(_AGENT_LINES if role == "agent" else _USER_LINES)})
+            msgs.append(
+                {
+                    "message_id": "msg_" + _id(rng, 16),
+                    "role": role,
+                    "created_timestamp": t,
+                    "content": rng.choice(_AGENT_LINES if role == "agent" else _USER_LINES),
+                }
+            )
         successful = rng.random() < 0.8
-        ended = {**base, "chat_status": "ended", "end_timestamp": t, "transcript": _text(msgs),
-                 "message_with_tool_calls": msgs,
-                 "chat_cost": {"combined_cost": round(len(msgs) * 0.2, 3),
-                               "product_costs": [{"product": "gpt_4o_mini", "cost": round(len(msgs) * 0.2, 3)}]}}
-        analysis = {"chat_summary": "The user asked about an appointment.", "chat_successful": successful,
-                    "user_sentiment": "Positive" if successful else "Negative", "custom_analysis_data": {}}
+        ended = {
+            **base,
+            "chat_status": "ended",
+            "end_timestamp": t,
+            "transcript": _text(msgs),
+            "message_with_tool_calls": msgs,
+            "chat_cost": {
+                "combined_cost": round(len(msgs) * 0.2, 3),
+                "product_costs": [{"product": "gpt_4o_mini", "cost": round(len(msgs) * 0.2, 3)}],
+            },
+        }
+        analysis = {
+            "chat_summary": "The user asked about an appointment.",
+            "chat_successful": successful,
+            "user_sentiment": "Positive" if successful else "Negative",
+            "custom_analysis_data": {},
+        }
         return [
             Event("chat_started", cid, {"event": "chat_started", "chat": base}),
             Event("chat_ended", cid, {"event": "chat_ended", "chat": ended}),

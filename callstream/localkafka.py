@@ -201,9 +201,19 @@ class LocalKafka:
         pom.write_text(POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
         started = time.monotonic()
         proc = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-             f"-DoutputDirectory={self.jars / 'lib'}", "-DincludeScope=runtime"],
-            capture_output=True, text=True, check=False,
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={self.jars / 'lib'}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -244,8 +254,11 @@ class LocalKafka:
         props = self.state / "server.properties"
         props.write_text(
             SERVER_PROPERTIES.format(
-                host=self.host, port=self.port, controller_port=self.controller_port,
-                data=self.data_dir, partitions=self.partitions,
+                host=self.host,
+                port=self.port,
+                controller_port=self.controller_port,
+                data=self.data_dir,
+                partitions=self.partitions,
             )
         )
         (self.state / "log4j2.yaml").write_text(LOG4J2.format(logs=self.log_dir))
@@ -258,7 +271,9 @@ class LocalKafka:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         proc = subprocess.run(
             self._java_cmd(java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
             raise KafkaSetupError(
@@ -285,11 +300,17 @@ class LocalKafka:
         self._format(java, props)
         heap = os.environ.get("KAFKA_HEAP_OPTS", f"-Xms256m -Xmx{self.heap}").split()
         cmd = [
-            java, *heap, "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            java,
+            *heap,
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.state / 'log4j2.yaml'}",
             f"-Dkafka.logs.dir={self.log_dir}",
-            "-cp", str(self.jars / "lib" / "*"),  # type: ignore[operator]
-            "kafka.Kafka", str(props),
+            "-cp",
+            str(self.jars / "lib" / "*"),  # type: ignore[operator]
+            "kafka.Kafka",
+            str(props),
         ]
         with open(self.log_dir / "stdout.log", "ab") as out:
             # A new session: Ctrl-C in the terminal that started it must not kill the broker;
@@ -313,8 +334,7 @@ class LocalKafka:
             time.sleep(0.3)
         self.stop()
         raise KafkaSetupError(
-            f"the Kafka broker did not answer on {self.bootstrap} within {wait:.0f}s; "
-            f"see {self.log_dir / 'server.log'}"
+            f"the Kafka broker did not answer on {self.bootstrap} within {wait:.0f}s; see {self.log_dir / 'server.log'}"
         )
 
     def stop(self, timeout: float = 30.0, say: Callable[[str], None] = log.info) -> bool:

@@ -102,8 +102,10 @@ async def run(
     """Send traffic to `url` at about `rate` deliveries/s; stop after `calls` calls or `duration` s."""
     rng = random.Random(seed)
     factory = CallFactory(Fleet(seed=seed, agents=agents), seed=seed)
-    source: Iterator[Event] = iter(events) if events is not None else schedule(
-        factory, calls if duration is None else 10**9, reorder=reorder_rate, rng=rng
+    source: Iterator[Event] = (
+        iter(events)
+        if events is not None
+        else schedule(factory, calls if duration is None else 10**9, reorder=reorder_rate, rng=rng)
     )
     res = SimulationResult()
     sem = asyncio.Semaphore(concurrency)

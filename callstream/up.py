@@ -59,17 +59,24 @@ class Stack:
                 self.kafka = LocalKafka(home=default_home(), host=host or "127.0.0.1", port=int(port))
                 self.kafka.start(say=self.say)
             ensure_topics(common.kafka_bootstrap, common.topic_prefix, common.topic_partitions)
-            self._spawn("gateway", ["gateway", "--port", str(self.gateway_port)], env, logs,
-                        f"http://127.0.0.1:{self.gateway_port}")
-            self._spawn("worker", ["worker", "--web-port", str(self.web_port)], env, logs,
-                        f"http://127.0.0.1:{self.web_port}")
+            self._spawn(
+                "gateway",
+                ["gateway", "--port", str(self.gateway_port)],
+                env,
+                logs,
+                f"http://127.0.0.1:{self.gateway_port}",
+            )
+            self._spawn(
+                "worker", ["worker", "--web-port", str(self.web_port)], env, logs, f"http://127.0.0.1:{self.web_port}"
+            )
             self._spawn("sink", ["sink"], env, logs)
             self.procs["gateway"].wait_http("/healthz")
             self.procs["worker"].wait_http("/api/counts", timeout=120)
             self.say(f"Gateway, worker and sink are up (logs in {logs.resolve()}). Sending {self.calls} calls ...")
             key = env["CALLSTREAM_API_KEYS" if env.get("CALLSTREAM_API_KEYS") else "RETELL_API_KEY"].split(",")[0]
-            res = asyncio.run(simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key,
-                                       calls=self.calls, rate=self.rate))
+            res = asyncio.run(
+                simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key, calls=self.calls, rate=self.rate)
+            )
             self.say(res.summary())
             # Each call has one call_analyzed event, so this counts the calls the sink must load.
             self._summary(res.statuses.get(204, 0), res.accepted_by_event["call_analyzed"])
@@ -90,7 +97,9 @@ class Stack:
         if status.exists():
             rows = int(orjson.loads(status.read_bytes())["tables"].get("calls", 0))
         try:
-            counted = sum(httpx.get(f"http://127.0.0.1:{self.web_port}/api/counts", timeout=5).json()["events"].values())
+            counted = sum(
+                httpx.get(f"http://127.0.0.1:{self.web_port}/api/counts", timeout=5).json()["events"].values()
+            )
         except (httpx.HTTPError, ValueError, KeyError):
             counted = 0
         return rows, counted

@@ -26,25 +26,43 @@ _WEBHOOK_BODY = {
     "requestBody": {
         "required": True,
         "description": "The webhook body exactly as Retell / UponAI send it; forwarded to Kafka byte for byte.",
-        "content": {"application/json": {"schema": {
-            "type": "object",
-            "required": ["event"],
-            "properties": {
-                "event": {"type": "string", "enum": [*EVENT_NAMES], "description": "other values go to <prefix>.unknown"},
-                "call": {"type": "object", "required": ["call_id"],
-                         "properties": {"call_id": {"type": "string", "minLength": 1}}},
-                "chat": {"type": "object", "required": ["chat_id"],
-                         "properties": {"chat_id": {"type": "string", "minLength": 1}}},
-            },
-            # call_* and transfer_* events carry `call`, chat_* events `chat`; the id keys the message.
-            "anyOf": [{"required": ["call"]}, {"required": ["chat"]}],
-        }}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["event"],
+                    "properties": {
+                        "event": {
+                            "type": "string",
+                            "enum": [*EVENT_NAMES],
+                            "description": "other values go to <prefix>.unknown",
+                        },
+                        "call": {
+                            "type": "object",
+                            "required": ["call_id"],
+                            "properties": {"call_id": {"type": "string", "minLength": 1}},
+                        },
+                        "chat": {
+                            "type": "object",
+                            "required": ["chat_id"],
+                            "properties": {"chat_id": {"type": "string", "minLength": 1}},
+                        },
+                    },
+                    # call_* and transfer_* events carry `call`, chat_* events `chat`; the id keys the message.
+                    "anyOf": [{"required": ["call"]}, {"required": ["chat"]}],
+                }
+            }
+        },
     },
-    "parameters": [{
-        "name": "x-retell-signature", "in": "header", "required": True,
-        "description": "v=<unix ms>,d=<hex HMAC-SHA256 of body + timestamp keyed with the API key>",
-        "schema": {"type": "string"},
-    }],
+    "parameters": [
+        {
+            "name": "x-retell-signature",
+            "in": "header",
+            "required": True,
+            "description": "v=<unix ms>,d=<hex HMAC-SHA256 of body + timestamp keyed with the API key>",
+            "schema": {"type": "string"},
+        }
+    ],
 }
 
 
@@ -80,8 +98,12 @@ def create_app(settings: GatewaySettings | None = None, producer: EventProducer 
             log.warning("CALLSTREAM_ALLOW_UNSIGNED=true and no API key: signatures are NOT checked")
         log.info(
             "gateway ready: kafka=%s prefix=%s keys=%d allowlist=%d trusted_proxies=%d fast_path=%s",
-            cfg.kafka_bootstrap, cfg.topic_prefix, len(cfg.keys()), len(cfg.allowed_source_list()),
-            len(cfg.trusted_proxy_list()), cfg.webhook_fast_path,
+            cfg.kafka_bootstrap,
+            cfg.topic_prefix,
+            len(cfg.keys()),
+            len(cfg.allowed_source_list()),
+            len(cfg.trusted_proxy_list()),
+            cfg.webhook_fast_path,
         )
         try:
             yield

@@ -68,7 +68,9 @@ class Ingest:
             r = route(body, self.prefix)
         except PayloadError as exc:
             await self._publish(
-                self.dead_letter_topic, None, body,
+                self.dead_letter_topic,
+                None,
+                body,
                 [(Header.EVENT, b""), (Header.REASON, str(exc).encode()), *headers],
             )
             raise

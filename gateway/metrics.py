@@ -17,25 +17,32 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "callstream_gateway_requests", "Webhook deliveries by event and status", ["event", "status"],
+            "callstream_gateway_requests",
+            "Webhook deliveries by event and status",
+            ["event", "status"],
             registry=r,
         )
-        self.rejected = Counter(
-            "callstream_gateway_rejected", "Deliveries refused, by reason", ["reason"], registry=r
-        )
+        self.rejected = Counter("callstream_gateway_rejected", "Deliveries refused, by reason", ["reason"], registry=r)
         self.request_seconds = Histogram(
-            "callstream_gateway_request_seconds", "Time to answer a webhook delivery",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+            "callstream_gateway_request_seconds",
+            "Time to answer a webhook delivery",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
         )
         self.produce_seconds = Histogram(
-            "callstream_gateway_produce_seconds", "Time from produce to Kafka acknowledgement",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r,
+            "callstream_gateway_produce_seconds",
+            "Time from produce to Kafka acknowledgement",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
         )
-        self.in_flight = Gauge("callstream_gateway_in_flight", "Deliveries being handled now", registry=r,
-                               multiprocess_mode="livesum")
+        self.in_flight = Gauge(
+            "callstream_gateway_in_flight", "Deliveries being handled now", registry=r, multiprocess_mode="livesum"
+        )
         self.body_bytes = Histogram(
-            "callstream_gateway_body_bytes", "Size of webhook bodies",
-            buckets=(256, 1024, 4096, 16384, 65536, 262144, 1048576, 10485760), registry=r,
+            "callstream_gateway_body_bytes",
+            "Size of webhook bodies",
+            buckets=(256, 1024, 4096, 16384, 65536, 262144, 1048576, 10485760),
+            registry=r,
         )
 
     def exposition(self) -> bytes:

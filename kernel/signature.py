@@ -35,6 +35,7 @@ class MalformedSignature(SignatureError):
 class StaleSignature(SignatureError):
     reason = "stale_signature"
 
+
 _HEADER = re.compile(rb"v=(\d{1,16}),d=([0-9a-f]{64})")
 
 

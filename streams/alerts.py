@@ -38,8 +38,17 @@ class WebhookSender:
     they stay on the alerts topic either way.
     """
 
-    def __init__(self, url: str | None, *, attempts: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 timeout_s: float = 5.0, queue_size: int = 10_000, senders: int = 4) -> None:
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        attempts: int = 6,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        timeout_s: float = 5.0,
+        queue_size: int = 10_000,
+        senders: int = 4,
+    ) -> None:
         self.url = url
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -93,8 +102,14 @@ class WebhookSender:
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if attempt < self.attempts:
-                log.warning("alert webhook: %s for %s (attempt %d/%d); retrying in %.1fs",
-                            problem, alert.id, attempt, self.attempts, delay)
+                log.warning(
+                    "alert webhook: %s for %s (attempt %d/%d); retrying in %.1fs",
+                    problem,
+                    alert.id,
+                    attempt,
+                    self.attempts,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
         self.failed += 1
@@ -139,8 +154,14 @@ class AlertFeed:
             return out
 
     def _run(self) -> None:
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"alert-feed-{uuid.uuid4().hex}",
-                      "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        c = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"alert-feed-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
         try:
             meta = None
             while meta is None and not self._stop.is_set():
@@ -180,8 +201,9 @@ class AlertFeed:
                 c.close()
 
 
-def failure_rate_alerts(rule: FailureRateRule, windows: Mapping[int, Mapping[str, Agg]], now_ms: int,
-                        last_raised: dict[str, int]) -> list[Alert]:
+def failure_rate_alerts(
+    rule: FailureRateRule, windows: Mapping[int, Mapping[str, Agg]], now_ms: int, last_raised: dict[str, int]
+) -> list[Alert]:
     """Per agent: failed / finished calls over the last `window_minutes` whole and current minutes.
 
     `last_raised` (agent -> unix ms) throttles: an agent alerts again only `throttle_minutes` later;
@@ -209,8 +231,18 @@ def failure_rate_alerts(rule: FailureRateRule, windows: Mapping[int, Mapping[str
         if last is not None and now_ms - last < rule.throttle_minutes * 60_000:
             continue
         last_raised[agent] = now_ms
-        text = (f":chart_with_downwards_trend: [{RATE_RULE}] agent {agent}: {failed.get(agent, 0)} of {n} calls "
-                f"failed in the last {rule.window_minutes} min ({rate:.0%} > {rule.threshold:.0%})")
-        out.append(Alert(id=f"{RATE_RULE}:{agent}:{now_ms}", rule=RATE_RULE, agent_id=agent, text=text, at=now_ms,
-                         value=round(rate, 4)))
+        text = (
+            f":chart_with_downwards_trend: [{RATE_RULE}] agent {agent}: {failed.get(agent, 0)} of {n} calls "
+            f"failed in the last {rule.window_minutes} min ({rate:.0%} > {rule.threshold:.0%})"
+        )
+        out.append(
+            Alert(
+                id=f"{RATE_RULE}:{agent}:{now_ms}",
+                rule=RATE_RULE,
+                agent_id=agent,
+                text=text,
+                at=now_ms,
+                value=round(rate, 4),
+            )
+        )
     return out

@@ -156,8 +156,9 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
         except (KeyError, AttributeError):
             return []
 
-    view = GroupView(processor, cfg.topic_partitions, str(app.conf.canonical_url), active, peers,
-                     lambda: state["ready"])
+    view = GroupView(
+        processor, cfg.topic_partitions, str(app.conf.canonical_url), active, peers, lambda: state["ready"]
+    )
 
     @app.agent(source)
     async def process(stream: Any) -> None:
@@ -208,5 +209,12 @@ def create_app(settings: WorkerSettings | None = None) -> faust.App:
             sender.submit(alert)
 
     register_pages(app, view, feed, sender, processor)
-    app.callstream = {"processor": processor, "store": store, "agent": process, "view": view, "feed": feed, "sender": sender}  # type: ignore[attr-defined]
+    app.callstream = {
+        "processor": processor,
+        "store": store,
+        "agent": process,
+        "view": view,
+        "feed": feed,
+        "sender": sender,
+    }  # type: ignore[attr-defined]
     return app

@@ -36,8 +36,15 @@ def trim(book: Book, since: int) -> Book:
 
 
 class GroupView:
-    def __init__(self, processor: Processor, partitions: int, me: str,
-                 active: Callable[[], set[int]], peers: Callable[[], list[str]], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        processor: Processor,
+        partitions: int,
+        me: str,
+        active: Callable[[], set[int]],
+        peers: Callable[[], list[str]],
+        ready: Callable[[], bool],
+    ) -> None:
         self.processor = processor
         self.partitions = partitions
         self.me = me.rstrip("/")
@@ -99,8 +106,11 @@ class GroupView:
             "overall": totals.pop(ALL, summarize(Agg())),
             "agents": totals,
             "windows": [
-                {"start": w, "overall": summarize(s.get(ALL, Agg())),
-                 "agents": {a: summarize(v) for a, v in sorted(s.items()) if a != ALL}}
+                {
+                    "start": w,
+                    "overall": summarize(s.get(ALL, Agg())),
+                    "agents": {a: summarize(v) for a, v in sorted(s.items()) if a != ALL},
+                }
                 for w, s in sorted(wins.items())
             ],
         }

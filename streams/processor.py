@@ -165,7 +165,7 @@ class Processor:
         for k in self.store.keys_with_prefix(prefix):
             raw = self.store.get(k)
             if raw is not None:
-                book.windows[int(k[len(prefix):])] = _dec_window.decode(raw)
+                book.windows[int(k[len(prefix) :])] = _dec_window.decode(raw)
         raw = self.store.get(commit_key(p))
         if raw is not None:
             commit = _dec_commit.decode(raw)
@@ -252,5 +252,12 @@ class Processor:
             "transfer_cancelled": "transfer was cancelled",
         }.get(r.rule, r.rule)
         text = f":rotating_light: [{r.rule}] {what} ({r.reason}) - agent {st.agent}, call {call_id}"
-        return Alert(id=f"{r.rule}:{call_id}", rule=r.rule, agent_id=st.agent, text=text, at=m.received_at,
-                     call_id=call_id, reason=r.reason)
+        return Alert(
+            id=f"{r.rule}:{call_id}",
+            rule=r.rule,
+            agent_id=st.agent,
+            text=text,
+            at=m.received_at,
+            call_id=call_id,
+            reason=r.reason,
+        )

@@ -83,8 +83,9 @@ class Consumer(FastWaitFirst, faust_aiokafka.Consumer):
         if fresh:
             # The aiokafka consumer lives on Faust's consumer thread: call it there.
             thread = cast(faust_aiokafka.AIOKafkaConsumerThread, self._thread)
-            await thread.call_thread(thread._ensure_consumer().seek_to_beginning,
-                                     *(faust_aiokafka.ensure_aiokafka_TP(tp) for tp in fresh))
+            await thread.call_thread(
+                thread._ensure_consumer().seek_to_beginning, *(faust_aiokafka.ensure_aiokafka_TP(tp) for tp in fresh)
+            )
         return committed
 
 

@@ -50,13 +50,23 @@ class _Collector:
     def collect(self) -> Any:
         books = [self.processor.book(p) for p in sorted(self.active())]
         scopes = sorted({s for b in books for s in b.totals})
-        calls = CounterMetricFamily("callstream_calls", "Calls by agent and what happened to them", labels=["agent", "kind"])
-        reasons = CounterMetricFamily("callstream_disconnections", "Calls by disconnection reason", labels=["agent", "reason"])
-        sentiment = CounterMetricFamily("callstream_sentiment", "Analyzed calls by user sentiment", labels=["agent", "sentiment"])
+        calls = CounterMetricFamily(
+            "callstream_calls", "Calls by agent and what happened to them", labels=["agent", "kind"]
+        )
+        reasons = CounterMetricFamily(
+            "callstream_disconnections", "Calls by disconnection reason", labels=["agent", "reason"]
+        )
+        sentiment = CounterMetricFamily(
+            "callstream_sentiment", "Analyzed calls by user sentiment", labels=["agent", "sentiment"]
+        )
         cost = CounterMetricFamily("callstream_cost", "Total combined call cost", labels=["agent"])
         active = GaugeMetricFamily("callstream_active_calls", "Calls started and not ended", labels=["agent"])
-        dur = GaugeMetricFamily("callstream_call_duration_ms", "Call duration percentiles", labels=["agent", "quantile"])
-        lat = GaugeMetricFamily("callstream_e2e_latency_p50_ms", "Median of the calls' own e2e latency p50", labels=["agent"])
+        dur = GaugeMetricFamily(
+            "callstream_call_duration_ms", "Call duration percentiles", labels=["agent", "quantile"]
+        )
+        lat = GaugeMetricFamily(
+            "callstream_e2e_latency_p50_ms", "Median of the calls' own e2e latency p50", labels=["agent"]
+        )
         for s in scopes:
             agg: Agg = merge(b.totals[s] for b in books if s in b.totals)
             agent = "all" if s == ALL else s
@@ -80,7 +90,9 @@ class _Collector:
         yield from (calls, reasons, sentiment, cost, active, dur, lat)
 
 
-def register_pages(app: faust.App, view: GroupView, feed: AlertFeed, sender: WebhookSender, processor: Processor) -> None:
+def register_pages(
+    app: faust.App, view: GroupView, feed: AlertFeed, sender: WebhookSender, processor: Processor
+) -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(processor, view.active))
 
@@ -122,8 +134,10 @@ def register_pages(app: faust.App, view: GroupView, feed: AlertFeed, sender: Web
     @app.page("/api/alerts")
     class Alerts(View):
         async def get(self, request: Request) -> Response:
-            body = {"alerts": feed.recent(int(request.query.get("n", 200))),
-                    "webhook": {"sent": sender.sent, "failed": sender.failed, "dropped": sender.dropped}}
+            body = {
+                "alerts": feed.recent(int(request.query.get("n", 200))),
+                "webhook": {"sent": sender.sent, "failed": sender.failed, "dropped": sender.dropped},
+            }
             return self.bytes(_json.encode(body), content_type="application/json")
 
     @app.page("/api/counts")
@@ -133,8 +147,10 @@ def register_pages(app: faust.App, view: GroupView, feed: AlertFeed, sender: Web
         async def get(self, request: Request) -> Response:
             snap = await view.snapshot(_since(request, 1))
             agents = {a: s["events"] for a, s in snap["agents"].items()}
-            return self.bytes(_json.encode({"events": snap["overall"]["events"], "agents": agents,
-                                            "complete": snap["complete"]}), content_type="application/json")
+            return self.bytes(
+                _json.encode({"events": snap["overall"]["events"], "agents": agents, "complete": snap["complete"]}),
+                content_type="application/json",
+            )
 
     @app.page("/metrics")
     class Prometheus(View):

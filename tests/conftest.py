@@ -31,8 +31,13 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield external
         return
     home = tmp_path_factory.mktemp("kafka")
-    broker = LocalKafka(home=home, port=free_port(), controller_port=free_port(), heap="768m",
-                        jars=REPO / ".kafka" / "jars" / _kafka_version())
+    broker = LocalKafka(
+        home=home,
+        port=free_port(),
+        controller_port=free_port(),
+        heap="768m",
+        jars=REPO / ".kafka" / "jars" / _kafka_version(),
+    )
     broker.start(wait=120)
     try:
         yield broker.bootstrap
@@ -86,8 +91,9 @@ def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[Calla
     started: list[Service] = []
 
     def start(name: str, *args: str, url: str | None = None, env: dict[str, str] | None = None) -> Service:
-        svc = callstream(name, args, tmp_path / f"{name}-{len(started)}.log", {**service_env, **(env or {})},
-                         cwd=tmp_path, url=url)
+        svc = callstream(
+            name, args, tmp_path / f"{name}-{len(started)}.log", {**service_env, **(env or {})}, cwd=tmp_path, url=url
+        )
         started.append(svc)
         return svc
 

@@ -30,8 +30,11 @@ def test_signed_webhook_reaches_topic_worker_and_duckdb(
     agent_id = events[0].payload["call"]["agent_id"]
     for ev in events:
         body = ev.body()
-        r = httpx.post(f"{gateway_service.url}/webhook", content=body,
-                       headers={"x-retell-signature": sign(body, api_key), "content-type": "application/json"})
+        r = httpx.post(
+            f"{gateway_service.url}/webhook",
+            content=body,
+            headers={"x-retell-signature": sign(body, api_key), "content-type": "application/json"},
+        )
         assert r.status_code == 204, r.text
 
     # On its topic, keyed by the call, byte for byte, with the event header.
@@ -46,8 +49,9 @@ def test_signed_webhook_reaches_topic_worker_and_duckdb(
     want = {}
     for ev in events:
         want[ev.event] = want.get(ev.event, 0) + 1
-    r = worker.wait_http("/api/counts", timeout=90, ok=lambda r: r.status_code == 200
-                         and r.json()["agents"].get(agent_id) == want)
+    r = worker.wait_http(
+        "/api/counts", timeout=90, ok=lambda r: r.status_code == 200 and r.json()["agents"].get(agent_id) == want
+    )
     assert r.json()["agents"][agent_id] == want
 
     # A row in DuckDB: the sink's status file says so while it holds the lock; then we read the file.

@@ -74,7 +74,7 @@ def test_no_import_cycle() -> None:
         state[mod] = 1
         for dep in sorted(graph.get(mod, ())):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join([*path[path.index(dep):], dep]))
+                cycles.append(" -> ".join([*path[path.index(dep) :], dep]))
             elif dep not in state:
                 visit(dep, [*path, dep])
         state[mod] = 2
@@ -102,3 +102,15 @@ def test_nothing_outside_tests_imports_tests_and_nothing_imports_a_conftest() ->
                 if name.endswith("conftest") or (name.split(".")[0] == "tests" and rel.parts[0] != "tests"):
                     wrong.append(f"{rel}:{node.lineno} imports {name}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_functions_stay_under_about_sixty_lines() -> None:
+    long = []
+    for pkg in sorted(PRODUCT):
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    size = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if size > 60:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({size} lines)")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)

@@ -87,21 +87,27 @@ def last_seq(con: duckdb.DuckDBPyConnection) -> int:
     return max(base(con), int(scalar(con, "SELECT coalesce(max(seq), 0) FROM _callstream_loads") or 0))
 
 
-def record(con: duckdb.DuckDBPyConnection, seq: int, rows: dict[str, int],
-           first_offsets: dict[tuple[str, int], int]) -> None:
+def record(
+    con: duckdb.DuckDBPyConnection, seq: int, rows: dict[str, int], first_offsets: dict[tuple[str, int], int]
+) -> None:
     """In the batch's transaction: the rows it inserted per table and where it began reading."""
     insert_rows(con, "INSERT INTO _callstream_loads VALUES", [(seq, name, n) for name, n in rows.items()])
-    insert_rows(con, "INSERT INTO _callstream_load_offsets VALUES",
-                [(seq, t, p, o) for (t, p), o in first_offsets.items()])
+    insert_rows(
+        con, "INSERT INTO _callstream_load_offsets VALUES", [(seq, t, p, o) for (t, p), o in first_offsets.items()]
+    )
 
 
 def note_replaced(con: duckdb.DuckDBPyConnection, table: Table, where: str) -> None:
     """In the batch's transaction, before deleting `table`'s rows matching `where`: the loads that
     wrote them hold that many rows fewer."""
-    run(con, f"""
+    run(
+        con,
+        f"""
         UPDATE _callstream_loads l SET live_rows = l.live_rows - d.n
         FROM (SELECT _load_seq, count(*) AS n FROM {table.name} WHERE {where} GROUP BY _load_seq) d
-        WHERE l.seq = d._load_seq AND l.table_name = ?""", [table.name])
+        WHERE l.seq = d._load_seq AND l.table_name = ?""",
+        [table.name],
+    )
 
 
 def check(con: duckdb.DuckDBPyConnection) -> list[Mismatch]:
@@ -109,21 +115,28 @@ def check(con: duckdb.DuckDBPyConnection) -> list[Mismatch]:
     since = base(con)
     found: list[Mismatch] = []
     for t in TABLES:
-        rows = run(con, f"""
+        rows = run(
+            con,
+            f"""
             SELECT coalesce(s._load_seq, l.seq), coalesce(l.live_rows, 0), coalesce(s.n, 0)
             FROM (SELECT _load_seq, count(*) AS n FROM {t.name} WHERE _load_seq > ? GROUP BY _load_seq) s
             FULL JOIN (SELECT seq, live_rows FROM _callstream_loads WHERE table_name = ? AND seq > ?) l
               ON s._load_seq = l.seq
             WHERE coalesce(l.live_rows, 0) <> coalesce(s.n, 0)
-            ORDER BY 1""", [since, t.name, since])
+            ORDER BY 1""",
+            [since, t.name, since],
+        )
         found += [Mismatch(t.name, int(seq), int(want), int(n)) for seq, want, n in rows]
     return found
 
 
 def rewind_points(con: duckdb.DuckDBPyConnection, seqs: set[int]) -> dict[tuple[str, int], int]:
     """Per partition, the earliest offset the given loads read: where reloading them begins."""
-    rows = run(con, "SELECT seq, topic, kafka_partition, min(first_offset) FROM _callstream_load_offsets "
-                    f"WHERE seq IN ({', '.join(str(int(s)) for s in seqs)}) GROUP BY ALL")
+    rows = run(
+        con,
+        "SELECT seq, topic, kafka_partition, min(first_offset) FROM _callstream_load_offsets "
+        f"WHERE seq IN ({', '.join(str(int(s)) for s in seqs)}) GROUP BY ALL",
+    )
     unknown = seqs - {int(r[0]) for r in rows}
     if unknown:
         raise LedgerError(
@@ -150,15 +163,18 @@ def undo(con: duckdb.DuckDBPyConnection, seqs: set[int], rewind: dict[tuple[str,
         run(con, f"UPDATE _callstream_loads SET live_rows = 0 WHERE seq {in_seqs}")
         run(con, f"DELETE FROM _callstream_load_offsets WHERE seq {in_seqs}")
         for (topic, p), o in rewind.items():
-            run(con, "UPDATE _callstream_offsets SET next_offset = least(next_offset, ?) "
-                     "WHERE topic = ? AND kafka_partition = ?", [o, topic, p])
+            run(
+                con,
+                "UPDATE _callstream_offsets SET next_offset = least(next_offset, ?) "
+                "WHERE topic = ? AND kafka_partition = ?",
+                [o, topic, p],
+            )
 
 
 def _mark_dirty(con: duckdb.DuckDBPyConnection, family: Family, in_seqs: str) -> None:
     # From every table of the family: the parent row may be the one that is missing.
     days = " UNION ".join(f"SELECT day, _load_seq FROM {t.name} WHERE _load_seq {in_seqs}" for t in family.tables)
-    run(con, f"INSERT INTO _callstream_dirty SELECT DISTINCT ?, day, _load_seq, _load_seq FROM ({days})",
-        [family.name])
+    run(con, f"INSERT INTO _callstream_dirty SELECT DISTINCT ?, day, _load_seq, _load_seq FROM ({days})", [family.name])
 
 
 def forget_checkpointed(con: duckdb.DuckDBPyConnection, last: int) -> None:
@@ -187,14 +203,19 @@ def repair(con: duckdb.DuckDBPyConnection, low_watermark: Callable[[str, int], i
                 + ". Rebuild the warehouse from what Kafka holds (move the database and the Parquet folder away), "
                 "or restore them from a backup."
             )
-        log.warning("the tables differ from the load ledger (%s); reloading loads %s from %s", "; ".join(map(str, found)),
-                    sorted(seqs), ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(rewind.items())))
+        log.warning(
+            "the tables differ from the load ledger (%s); reloading loads %s from %s",
+            "; ".join(map(str, found)),
+            sorted(seqs),
+            ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(rewind.items())),
+        )
         undo(con, seqs, rewind)
     return found
 
 
-def verify_and_repair(con: duckdb.DuckDBPyConnection, last: int,
-                      low_watermark: Callable[[str, int], int]) -> list[Mismatch]:
+def verify_and_repair(
+    con: duckdb.DuckDBPyConnection, last: int, low_watermark: Callable[[str, int], int]
+) -> list[Mismatch]:
     """At start, after DuckDB replayed its WAL: repair, checkpoint, and forget the loads up to `last`."""
     found = repair(con, low_watermark)
     forget_checkpointed(con, last)

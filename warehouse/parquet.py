@@ -103,10 +103,18 @@ def snapshot_files(snapshot: Path, table: str) -> list[Path]:
 class ParquetPublisher:
     """Writes new rows and rewrites parts with replaced rows, on a timer; then publishes a snapshot."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, root: Path, min_interval: float = 2.0,
-                 retention_seconds: float = 600.0, compression: str = "zstd") -> None:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        root: Path,
+        min_interval: float = 2.0,
+        retention_seconds: float = 600.0,
+        compression: str = "zstd",
+    ) -> None:
         if compression not in ("zstd", "snappy", "gzip", "lz4", "uncompressed"):
-            raise WarehouseError(f"parquet compression {compression!r} is not one of zstd, snappy, gzip, lz4, uncompressed")
+            raise WarehouseError(
+                f"parquet compression {compression!r} is not one of zstd, snappy, gzip, lz4, uncompressed"
+            )
         self.compression = compression
         self.root = root
         self.min_interval = min_interval
@@ -194,11 +202,15 @@ class ParquetPublisher:
 
     def _copy(self, cur: duckdb.DuckDBPyConnection, table: Table, day: date, part: Part, tmp: Path) -> int:
         cols = ", ".join(c for c in table.column_names if c != "day")
-        return int(scalar(cur,
-            f"COPY (SELECT {cols} FROM {table.name} WHERE day = DATE '{day.isoformat()}' "
-            f"AND _load_seq > {part.lo} AND _load_seq <= {part.hi}) "
-            f"TO '{tmp}' (FORMAT parquet, COMPRESSION {self.compression})"
-        ) or 0)
+        return int(
+            scalar(
+                cur,
+                f"COPY (SELECT {cols} FROM {table.name} WHERE day = DATE '{day.isoformat()}' "
+                f"AND _load_seq > {part.lo} AND _load_seq <= {part.hi}) "
+                f"TO '{tmp}' (FORMAT parquet, COMPRESSION {self.compression})",
+            )
+            or 0
+        )
 
     def publish(self) -> int:
         """Publish what changed since the last round and a snapshot; return the files written or removed."""
@@ -213,8 +225,11 @@ class ParquetPublisher:
             run(cur, "BEGIN TRANSACTION")
             try:
                 high = max(last_load_seq(cur, [f.parent for f in FAMILIES]), low)
-                dirty = run(cur, "SELECT family, day, part_seq, max(seq) FROM _callstream_dirty WHERE seq > ? "
-                                 "GROUP BY ALL", [self.done_seq])
+                dirty = run(
+                    cur,
+                    "SELECT family, day, part_seq, max(seq) FROM _callstream_dirty WHERE seq > ? GROUP BY ALL",
+                    [self.done_seq],
+                )
                 if high == low and not dirty and current_snapshot(self.root) is not None:
                     run(cur, "COMMIT")
                     return 0
@@ -290,8 +305,9 @@ class ParquetPublisher:
                 dest.mkdir(exist_ok=True)
                 os.link(f, dest / f.name)
                 files += 1
-        (tmp / "manifest.json").write_bytes(orjson.dumps({"generation": gen, "files": files,
-                                                           "published_at_ns": time.time_ns()}))
+        (tmp / "manifest.json").write_bytes(
+            orjson.dumps({"generation": gen, "files": files, "published_at_ns": time.time_ns()})
+        )
         os.rename(tmp, snaps / gen)
         cur_tmp = snaps / f".{CURRENT}.tmp"
         cur_tmp.write_text(gen)

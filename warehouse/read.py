@@ -63,9 +63,10 @@ def refresh(con: duckdb.DuckDBPyConnection, path: str | os.PathLike[str] | None 
         if files:
             cols = ", ".join(t.column_names)
             listing = ", ".join(_quote(f.resolve()) for f in files)
-            run(con,
+            run(
+                con,
                 f"CREATE OR REPLACE VIEW {t.name} AS SELECT {cols} FROM read_parquet([{listing}], "
-                "hive_partitioning = true, hive_types = {'day': DATE})"
+                "hive_partitioning = true, hive_types = {'day': DATE})",
             )
         else:
             run(con, f"CREATE OR REPLACE VIEW {t.name} AS {t.empty_select()}")

@@ -329,13 +329,16 @@ def _call_rows(c: _Call, src: Source) -> Rows:
         if e.role in TOOL_ROLES:
             if not e.tool_call_id:
                 raise RecordError(f"call.transcript_with_tool_calls: a {e.role} entry has no tool_call_id")
-            t = tools.setdefault(e.tool_call_id, {"call_id": c.call_id, "tool_call_id": e.tool_call_id,
-                                                   "seq": len(tools), "day": day})
+            t = tools.setdefault(
+                e.tool_call_id, {"call_id": c.call_id, "tool_call_id": e.tool_call_id, "seq": len(tools), "day": day}
+            )
             if e.role == "tool_call_invocation":
                 t["name"] = e.name
                 if not out:
                     args = e.arguments
-                    t["arguments"] = args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
+                    t["arguments"] = (
+                        args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
+                    )
             else:
                 t["successful"] = e.successful
                 if not out:
@@ -344,26 +347,42 @@ def _call_rows(c: _Call, src: Source) -> Rows:
         if out:
             continue
         words = e.words or []
-        utterances.append({
-            "call_id": c.call_id, "turn": len(utterances), "role": e.role, "content": e.content,
-            "start_s": _float(words[0].start) if words else None,
-            "end_s": _float(words[-1].end) if words else None,
-            "detail": _detail(e, raw), "day": day,
-        })
+        utterances.append(
+            {
+                "call_id": c.call_id,
+                "turn": len(utterances),
+                "role": e.role,
+                "content": e.content,
+                "start_s": _float(words[0].start) if words else None,
+                "end_s": _float(words[-1].end) if words else None,
+                "detail": _detail(e, raw),
+                "day": day,
+            }
+        )
 
     row = {
-        "call_id": c.call_id, "agent_id": c.agent_id, "agent_version": c.agent_version,
-        "agent_name": c.agent_name, "call_type": c.call_type, "direction": c.direction,
-        "from_number": c.from_number, "to_number": c.to_number, "call_status": c.call_status,
+        "call_id": c.call_id,
+        "agent_id": c.agent_id,
+        "agent_version": c.agent_version,
+        "agent_name": c.agent_name,
+        "call_type": c.call_type,
+        "direction": c.direction,
+        "from_number": c.from_number,
+        "to_number": c.to_number,
+        "call_status": c.call_status,
         "disconnection_reason": c.disconnection_reason,
-        "start_timestamp": _int(c.start_timestamp), "end_timestamp": _int(c.end_timestamp),
+        "start_timestamp": _int(c.start_timestamp),
+        "end_timestamp": _int(c.end_timestamp),
         "duration_ms": _int(duration),
-        "call_successful": an.call_successful, "user_sentiment": an.user_sentiment,
+        "call_successful": an.call_successful,
+        "user_sentiment": an.user_sentiment,
         "in_voicemail": an.in_voicemail,
         # A summary retells the conversation, so an opted-out call keeps none either.
         "call_summary": None if out else an.call_summary,
         "combined_cost": _float(cost),
-        "e2e_latency_p50": _float(e2e.p50), "e2e_latency_p90": _float(e2e.p90), "e2e_latency_p99": _float(e2e.p99),
+        "e2e_latency_p50": _float(e2e.p50),
+        "e2e_latency_p90": _float(e2e.p90),
+        "e2e_latency_p99": _float(e2e.p99),
         "transfer_destination": _raw_text(c.transfer_destination),
         "transfer_end_timestamp": _int(c.transfer_end_timestamp),
         "transcript": None if out else c.transcript,
@@ -375,10 +394,13 @@ def _call_rows(c: _Call, src: Source) -> Rows:
         "call_cost": _raw_json(c.call_cost),
         "data_storage_setting": c.data_storage_setting,
         "opted_out": out,
-        "utterance_count": len(utterances), "tool_call_count": len(tools),
+        "utterance_count": len(utterances),
+        "tool_call_count": len(tools),
         "day": day,
-        "event_received_at": src.received_at_ms, "kafka_partition": src.partition,
-        "kafka_offset": src.offset, "loaded_at": src.loaded_at_ms,
+        "event_received_at": src.received_at_ms,
+        "kafka_partition": src.partition,
+        "kafka_offset": src.offset,
+        "loaded_at": src.loaded_at_ms,
     }
     return {CALLS.name: [row], CALL_UTTERANCES.name: utterances, CALL_TOOL_CALLS.name: list(tools.values())}
 
@@ -401,27 +423,48 @@ def _chat_rows(c: _Chat, src: Source) -> Rows:
         if e.role == "tool_call_invocation":
             args = e.arguments
             content = args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
-        messages.append({
-            "chat_id": c.chat_id, "turn": len(messages), "message_id": e.message_id, "role": e.role,
-            "content": content, "created_at": _int(e.created_timestamp), "tool_call_id": e.tool_call_id,
-            "name": e.name, "successful": e.successful,
-            "detail": None if e.role in SPEECH_ROLES or e.role in TOOL_ROLES else _detail(e, raw), "day": day,
-        })
+        messages.append(
+            {
+                "chat_id": c.chat_id,
+                "turn": len(messages),
+                "message_id": e.message_id,
+                "role": e.role,
+                "content": content,
+                "created_at": _int(e.created_timestamp),
+                "tool_call_id": e.tool_call_id,
+                "name": e.name,
+                "successful": e.successful,
+                "detail": None if e.role in SPEECH_ROLES or e.role in TOOL_ROLES else _detail(e, raw),
+                "day": day,
+            }
+        )
     duration = None
     if c.start_timestamp is not None and c.end_timestamp is not None:
         duration = int(c.end_timestamp) - int(c.start_timestamp)
     row = {
-        "chat_id": c.chat_id, "agent_id": c.agent_id, "agent_version": c.version, "chat_type": c.chat_type,
-        "chat_status": c.chat_status, "start_timestamp": _int(c.start_timestamp),
-        "end_timestamp": _int(c.end_timestamp), "duration_ms": duration,
-        "chat_successful": an.chat_successful, "user_sentiment": an.user_sentiment,
-        "chat_summary": None if out else an.chat_summary, "combined_cost": _float(cost),
+        "chat_id": c.chat_id,
+        "agent_id": c.agent_id,
+        "agent_version": c.version,
+        "chat_type": c.chat_type,
+        "chat_status": c.chat_status,
+        "start_timestamp": _int(c.start_timestamp),
+        "end_timestamp": _int(c.end_timestamp),
+        "duration_ms": duration,
+        "chat_successful": an.chat_successful,
+        "user_sentiment": an.user_sentiment,
+        "chat_summary": None if out else an.chat_summary,
+        "combined_cost": _float(cost),
         "transcript": None if out else c.transcript,
-        "metadata": _raw_json(c.metadata), "dynamic_variables": _raw_json(c.retell_llm_dynamic_variables),
+        "metadata": _raw_json(c.metadata),
+        "dynamic_variables": _raw_json(c.retell_llm_dynamic_variables),
         "collected_dynamic_variables": _raw_json(c.collected_dynamic_variables),
-        "custom_analysis_data": _raw_json(an.custom_analysis_data), "chat_cost": _raw_json(c.chat_cost),
-        "message_count": len(messages), "day": day,
-        "event_received_at": src.received_at_ms, "kafka_partition": src.partition,
-        "kafka_offset": src.offset, "loaded_at": src.loaded_at_ms,
+        "custom_analysis_data": _raw_json(an.custom_analysis_data),
+        "chat_cost": _raw_json(c.chat_cost),
+        "message_count": len(messages),
+        "day": day,
+        "event_received_at": src.received_at_ms,
+        "kafka_partition": src.partition,
+        "kafka_offset": src.offset,
+        "loaded_at": src.loaded_at_ms,
     }
     return {CHATS.name: [row], CHAT_MESSAGES.name: messages}

@@ -100,24 +100,34 @@ class Sink:
         self.topics = list(self.families)
         self.dead_letter_topic = topic(settings.topic_prefix, DEAD_LETTER)
         Path(settings.warehouse).parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(settings.warehouse, config={
-            "memory_limit": settings.duckdb_memory_limit, "threads": settings.duckdb_threads,
-            "preserve_insertion_order": False,
-        })
+        self.con = duckdb.connect(
+            settings.warehouse,
+            config={
+                "memory_limit": settings.duckdb_memory_limit,
+                "threads": settings.duckdb_threads,
+                "preserve_insertion_order": False,
+            },
+        )
         create_all(self.con)
         self.status_path = status_path(settings.warehouse)
         self.stats = SinkStats()
         self._stop = threading.Event()
         self._high: dict[tuple[str, int], int] = {}
         # Load sequence numbers only grow, across restarts too (they name the Parquet parts).
-        self._seq = max(last_load_seq(self.con, TABLES), ledger.last_seq(self.con),
-                        int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty") or 0))
+        self._seq = max(
+            last_load_seq(self.con, TABLES),
+            ledger.last_seq(self.con),
+            int(scalar(self.con, "SELECT coalesce(max(seq), 0) FROM _callstream_dirty") or 0),
+        )
         self._cleaned_seq = 0
         self._status_at = 0.0
-        self.publisher = ParquetPublisher(self.con, Path(settings.parquet_dir),
-                                          min_interval=settings.parquet_min_interval_seconds,
-                                          retention_seconds=settings.snapshot_retention_seconds,
-                                          compression=settings.parquet_compression)
+        self.publisher = ParquetPublisher(
+            self.con,
+            Path(settings.parquet_dir),
+            min_interval=settings.parquet_min_interval_seconds,
+            retention_seconds=settings.snapshot_retention_seconds,
+            compression=settings.parquet_compression,
+        )
         published = self.publisher.published_seq()
         if published > self._seq:
             raise WarehouseError(
@@ -125,22 +135,24 @@ class Sink:
                 f"only up to {self._seq}: it was written from another database. Move it away (the sink rewrites "
                 "it from the database) or set CALLSTREAM_PARQUET_DIR to another folder."
             )
-        self.consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.group_id}-{settings.topic_prefix}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            # Fetch buffers stay allocated while any message from them lives, and librdkafka holds
-            # several: 4 MB fetches keep its memory near the queue size (16 MB fetches cost ~100 MB
-            # more RSS), and a loopback broker answers them faster than the sink decodes.
-            "fetch.max.bytes": 4 * 1024 * 1024,
-            "max.partition.fetch.bytes": 2 * 1024 * 1024,
-            "queued.max.messages.kbytes": settings.fetch_queue_kbytes,
-            # Once the queue is full librdkafka waits this long before fetching again (default 1 s,
-            # which left the sink waiting for messages a third of the time).
-            "fetch.queue.backoff.ms": 10,
-        })
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": f"{settings.group_id}-{settings.topic_prefix}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                # Fetch buffers stay allocated while any message from them lives, and librdkafka holds
+                # several: 4 MB fetches keep its memory near the queue size (16 MB fetches cost ~100 MB
+                # more RSS), and a loopback broker answers them faster than the sink decodes.
+                "fetch.max.bytes": 4 * 1024 * 1024,
+                "max.partition.fetch.bytes": 2 * 1024 * 1024,
+                "queued.max.messages.kbytes": settings.fetch_queue_kbytes,
+                # Once the queue is full librdkafka waits this long before fetching again (default 1 s,
+                # which left the sink waiting for messages a third of the time).
+                "fetch.queue.backoff.ms": 10,
+            }
+        )
         self._dlq: Producer | None = None
         # Between the consuming thread and the writer thread (see run()).
         self._queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=1)
@@ -163,8 +175,10 @@ class Sink:
     def _assign(self) -> None:
         ensure_topics(self.cfg.kafka_bootstrap, self.cfg.topic_prefix, partitions=self.cfg.topic_partitions)
         if ledger.verify_and_repair(self.con, self._seq, self._low_watermark):
-            self.say("sink: the warehouse differed from its load ledger after a restart; reloading those loads "
-                     "from Kafka (see the warning above)")
+            self.say(
+                "sink: the warehouse differed from its load ledger after a restart; reloading those loads "
+                "from Kafka (see the warning above)"
+            )
         stored = self.stored_offsets()
         with self._committed_lock:
             self._committed = dict(stored)
@@ -193,11 +207,15 @@ class Sink:
     def _dead_letter(self, msg: Message, reason: str) -> None:
         if self._dlq is None:
             self._dlq = Producer({"bootstrap.servers": self.cfg.kafka_bootstrap, "enable.idempotence": True})
-        headers = [(Header.REASON, reason.encode()), ("source_topic", str(msg.topic()).encode()),
-                   ("source_partition", str(msg.partition()).encode()),
-                   ("source_offset", str(msg.offset()).encode())]
-        self._dlq.produce(self.dead_letter_topic, value=msg.value(), key=msg.key(),
-                          headers=[*(msg.headers() or []), *headers])
+        headers = [
+            (Header.REASON, reason.encode()),
+            ("source_topic", str(msg.topic()).encode()),
+            ("source_partition", str(msg.partition()).encode()),
+            ("source_offset", str(msg.offset()).encode()),
+        ]
+        self._dlq.produce(
+            self.dead_letter_topic, value=msg.value(), key=msg.key(), headers=[*(msg.headers() or []), *headers]
+        )
         self.stats.dead_letters += 1
         log.warning("dead-lettered %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
 
@@ -229,8 +247,11 @@ class Sink:
         self._check_publisher()
         self._seq += 1
         done = self.publisher.done_seq
-        rows = sum(write_batch(self.con, self.families, batch, self._seq,
-                               published=done if done > self._cleaned_seq else 0).values())
+        rows = sum(
+            write_batch(
+                self.con, self.families, batch, self._seq, published=done if done > self._cleaned_seq else 0
+            ).values()
+        )
         self._cleaned_seq = max(self._cleaned_seq, done)
         if batch.tables:
             self.publisher.poke()
@@ -263,7 +284,9 @@ class Sink:
 
     def _check_writer(self) -> None:
         if self._writer_error is not None:
-            raise WarehouseError(f"writing to {self.cfg.warehouse} failed: {self._writer_error}") from self._writer_error
+            raise WarehouseError(
+                f"writing to {self.cfg.warehouse} failed: {self._writer_error}"
+            ) from self._writer_error
         self._check_publisher()
 
     def _check_publisher(self) -> None:
@@ -303,11 +326,15 @@ class Sink:
         self._status_at = time.monotonic()
         counts = {t.name: scalar(self.con, f"SELECT count(*) FROM {t.name}") for t in TABLES}
         snap = current_snapshot(Path(self.cfg.parquet_dir))
-        status = {"warehouse": str(Path(self.cfg.warehouse).resolve()), "tables": counts,
-                  "records": self.stats.records, "dead_letters": self.stats.dead_letters,
-                  "parquet_dir": str(Path(self.cfg.parquet_dir).resolve()),
-                  "parquet_snapshot": snap.name if snap else None,
-                  "updated_at": datetime.now(UTC).isoformat()}
+        status = {
+            "warehouse": str(Path(self.cfg.warehouse).resolve()),
+            "tables": counts,
+            "records": self.stats.records,
+            "dead_letters": self.stats.dead_letters,
+            "parquet_dir": str(Path(self.cfg.parquet_dir).resolve()),
+            "parquet_snapshot": snap.name if snap else None,
+            "updated_at": datetime.now(UTC).isoformat(),
+        }
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps(status))
         tmp.replace(self.status_path)
@@ -353,9 +380,11 @@ class Sink:
                 del got  # the messages' buffers go back to librdkafka now, not after the next consume
                 if until_caught_up and self.consumed_all():
                     break  # the writer still commits what is read; the last batch need not wait for its deadline
-                if pending is not None and (pending.records >= self.cfg.batch_max_records
-                                            or pending.bytes >= self.cfg.batch_max_bytes
-                                            or time.monotonic() >= pending.deadline):
+                if pending is not None and (
+                    pending.records >= self.cfg.batch_max_records
+                    or pending.bytes >= self.cfg.batch_max_bytes
+                    or time.monotonic() >= pending.deadline
+                ):
                     self._hand_over(self._close_batch(pending))
                     pending = None
                 self._commit_to_kafka()
@@ -385,8 +414,9 @@ class Sink:
                 self._dlq.flush(10)
 
 
-def write_batch(con: duckdb.DuckDBPyConnection, families: dict[str, Family], batch: _Batch, seq: int,
-                published: int = 0) -> dict[str, int]:
+def write_batch(
+    con: duckdb.DuckDBPyConnection, families: dict[str, Family], batch: _Batch, seq: int, published: int = 0
+) -> dict[str, int]:
     """Load `batch` as load `seq` in one transaction: its rows, its ledger entry and the offsets after
     it (and forget dirty days the publisher wrote up to `published`); then check that the commit
     kept every row. Returns the rows inserted per table."""
@@ -399,14 +429,18 @@ def write_batch(con: duckdb.DuckDBPyConnection, families: dict[str, Family], bat
         if published:
             run(con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [published])
         now = datetime.now(UTC).replace(tzinfo=None)
-        insert_rows(con, "INSERT OR REPLACE INTO _callstream_offsets VALUES",
-                    [(t, p, o, now) for (t, p), o in batch.next_offsets.items()])
+        insert_rows(
+            con,
+            "INSERT OR REPLACE INTO _callstream_offsets VALUES",
+            [(t, p, o, now) for (t, p), o in batch.next_offsets.items()],
+        )
     check_committed(con, seq, rows)
     return rows
 
 
-def replace_rows(con: duckdb.DuckDBPyConnection, family: Family, tables: dict[str, pa.Table],
-                 seq: int) -> dict[str, int]:
+def replace_rows(
+    con: duckdb.DuckDBPyConnection, family: Family, tables: dict[str, pa.Table], seq: int
+) -> dict[str, int]:
     """In the caller's transaction: delete the stored versions of the batch's keys (parent and
     children), insert the new rows with load sequence `seq`, and note the replaced rows' Parquet parts
     and their loads' ledger counts. Returns the rows inserted per table (tables with rows only)."""

@@ -95,7 +95,9 @@ def test_the_mix_covers_every_event_type_and_reorders_a_little() -> None:
     assert len({e.key for e in evs[:50]}) > 5
     pos = {(e.key, e.event): i for i, e in enumerate(evs)}
     swapped = sum(1 for (k, ev), i in pos.items() if ev == "call_analyzed" and pos.get((k, "call_ended"), -1) > i)
-    swapped += sum(1 for (k, ev), i in pos.items() if ev == "transcript_updated" and pos.get((k, "call_started"), -1) > i)
+    swapped += sum(
+        1 for (k, ev), i in pos.items() if ev == "transcript_updated" and pos.get((k, "call_started"), -1) > i
+    )
     assert swapped >= 1
 
 

@@ -16,11 +16,15 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 def _cli(*args: str, home: Path, port: int) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CALLSTREAM_KAFKA_HOME": str(home),
-           "CALLSTREAM_KAFKA_CACHE": str(REPO / ".kafka" / "jars"),
-           "CALLSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"}
-    return subprocess.run([sys.executable, "-m", "callstream", "kafka", *args], env=env,
-                          capture_output=True, text=True, timeout=180)
+    env = {
+        **os.environ,
+        "CALLSTREAM_KAFKA_HOME": str(home),
+        "CALLSTREAM_KAFKA_CACHE": str(REPO / ".kafka" / "jars"),
+        "CALLSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "callstream", "kafka", *args], env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 def _java_pids(marker: str) -> list[str]:
@@ -52,11 +56,16 @@ def test_start_is_idempotent_and_stop_leaves_no_java(tmp_path: Path):
 
 def _start_with_path(tmp_path: Path, path: Path) -> subprocess.CompletedProcess[str]:
     """`callstream kafka start` with only `path` on PATH and an empty jar cache."""
-    env = {**os.environ, "PATH": str(path), "CALLSTREAM_KAFKA_HOME": str(tmp_path / "k"),
-           "CALLSTREAM_KAFKA_CACHE": str(tmp_path / "empty-cache"),
-           "CALLSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
-    return subprocess.run([sys.executable, "-m", "callstream", "kafka", "start"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "PATH": str(path),
+        "CALLSTREAM_KAFKA_HOME": str(tmp_path / "k"),
+        "CALLSTREAM_KAFKA_CACHE": str(tmp_path / "empty-cache"),
+        "CALLSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "callstream", "kafka", "start"], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_start_says_what_to_do_without_java(tmp_path: Path):

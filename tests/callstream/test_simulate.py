@@ -95,14 +95,36 @@ def test_summary_names_statuses_and_percentiles() -> None:
 @pytest.mark.kafka
 def test_simulate_command_against_a_real_gateway(topics, gateway_service, service_env, kafka_bootstrap, prefix):
     proc = subprocess.run(
-        [sys.executable, "-m", "callstream", "simulate", "--url", gateway_service.url + "/webhook",
-         "--calls", "40", "--rate", "400", "--duplicates", "0.1", "--seed", "5"],
-        env=service_env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "callstream",
+            "simulate",
+            "--url",
+            gateway_service.url + "/webhook",
+            "--calls",
+            "40",
+            "--rate",
+            "400",
+            "--duplicates",
+            "0.1",
+            "--seed",
+            "5",
+        ],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "simulate:" in proc.stderr and "req" in proc.stderr  # the progress bar
-    m = re.search(r"sent (\d+) deliveries .*by status: 204: (\d+); never acknowledged: 0.*p50 [\d.]+ ms, "
-                  r"p95 [\d.]+ ms, p99 [\d.]+ ms", proc.stdout, re.S)
+    m = re.search(
+        r"sent (\d+) deliveries .*by status: 204: (\d+); never acknowledged: 0.*p50 [\d.]+ ms, "
+        r"p95 [\d.]+ ms, p99 [\d.]+ ms",
+        proc.stdout,
+        re.S,
+    )
     assert m, proc.stdout
     sent, ok = int(m.group(1)), int(m.group(2))
     assert sent == ok

@@ -44,9 +44,25 @@ def test_up_starts_its_own_broker_loads_calls_and_ctrl_c_stops_everything(tmp_pa
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "callstream", "up", "--calls", "40", "--rate", "300",
-             "--gateway-port", str(free_port()), "--web-port", str(free_port())],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "callstream",
+                "up",
+                "--calls",
+                "40",
+                "--rate",
+                "300",
+                "--gateway-port",
+                str(free_port()),
+                "--web-port",
+                str(free_port()),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     try:
         deadline = time.monotonic() + 150
@@ -57,7 +73,7 @@ def test_up_starts_its_own_broker_loads_calls_and_ctrl_c_stops_everything(tmp_pa
         assert "press Ctrl-C" in text, text[-4000:]
         assert "made a local key" in text
         assert "Starting Kafka" in text
-        summary = text[text.index("Summary"):]
+        summary = text[text.index("Summary") :]
         rows = int(summary.split("rows in `calls`:")[1].split()[0])
         assert rows > 0, summary
         children = _descendants(proc.pid)

@@ -26,8 +26,9 @@ def make_gateway(start_service: Callable[..., Service]) -> Iterator[Callable[...
 
     def start(*args: str, gateway_args: tuple[str, ...] = (), **env: str) -> Service:
         port = free_port()
-        svc = start_service("gateway", *args, "gateway", "--port", str(port), *gateway_args,
-                            url=f"http://127.0.0.1:{port}", env=env)
+        svc = start_service(
+            "gateway", *args, "gateway", "--port", str(port), *gateway_args, url=f"http://127.0.0.1:{port}", env=env
+        )
         started.append(svc)
         svc.wait_http("/healthz")
         return svc

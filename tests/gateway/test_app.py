@@ -23,8 +23,9 @@ def _headers(msg) -> dict[str, bytes]:
 
 
 def test_signed_events_are_on_their_topics_byte_for_byte_before_204(topics, gateway_service, post, consume):
-    evs = CallFactory(Fleet(seed=11), seed=11).events("transfer_bridged") + \
-        CallFactory(Fleet(seed=11), seed=12).events("chat")
+    evs = CallFactory(Fleet(seed=11), seed=11).events("transfer_bridged") + CallFactory(Fleet(seed=11), seed=12).events(
+        "chat"
+    )
     for ev in evs:
         r = post(gateway_service, ev.body())
         assert r.status_code == 204, r.text
@@ -48,13 +49,17 @@ def test_unknown_event_type_is_kept_on_unknown(topics, gateway_service, post, co
     assert (m.key(), m.value(), _headers(m)[Header.EVENT]) == (b"call_x1", body, b"call_recording_ready")
 
 
-@pytest.mark.parametrize(("body", "reason"), [
-    (b"not json at all", b"not valid JSON"),
-    (b'{"event":"call_ended","call":{"agent_id":"a"}}', b"no call.call_id"),
-    (b'["call_ended"]', b"not a webhook event"),
-])
-def test_signed_unroutable_body_is_4xx_and_kept_on_dead_letter(topics, gateway_service, post, consume, counts,
-                                                               body, reason):
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json at all", b"not valid JSON"),
+        (b'{"event":"call_ended","call":{"agent_id":"a"}}', b"no call.call_id"),
+        (b'["call_ended"]', b"not a webhook event"),
+    ],
+)
+def test_signed_unroutable_body_is_4xx_and_kept_on_dead_letter(
+    topics, gateway_service, post, consume, counts, body, reason
+):
     r = post(gateway_service, body)
     assert r.status_code == 422
     assert r.json()["error"] == "bad_payload"
@@ -91,8 +96,12 @@ def test_body_over_the_limit_is_413_and_nothing_is_stored(topics, make_gateway, 
     assert len(big) > 20000
     assert post(gw, big).status_code == 413  # refused on Content-Length, before reading
     # Chunked, no Content-Length: refused while streaming.
-    r = httpx.post(f"{gw.url}/webhook", content=iter([big[i:i + 4096] for i in range(0, len(big), 4096)]),
-                   headers={"x-retell-signature": sign(big, "k")}, timeout=15)
+    r = httpx.post(
+        f"{gw.url}/webhook",
+        content=iter([big[i : i + 4096] for i in range(0, len(big), 4096)]),
+        headers={"x-retell-signature": sign(big, "k")},
+        timeout=15,
+    )
     assert r.status_code == 413
     assert r.json()["error"] == "too_large"
     small = CallFactory(Fleet(seed=1), seed=1).events("completed")[0].body()
@@ -127,7 +136,8 @@ def test_health_ready_and_openapi(gateway_service):
     op = spec["paths"]["/webhook"]["post"]
     assert set(op["responses"]) >= {"204", "401", "413", "422", "503"}
     assert op["requestBody"]["content"]["application/json"]["schema"]["properties"]["event"]["enum"] == list(
-        EVENT_NAMES)
+        EVENT_NAMES
+    )
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -23,18 +23,28 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 LIMIT = 4096
 ints = st.integers(-(2**63), 2**64 - 1)  # what JSON encoders produce
 ids = st.one_of(st.none(), st.text(max_size=20), ints, st.lists(ints, max_size=2))
-refs = st.one_of(st.none(), st.text(max_size=5), ints,
-                 st.fixed_dictionaries({}, optional={"call_id": ids, "chat_id": ids, "x": st.text(max_size=30)}))
-json_values = st.recursive(st.none() | st.booleans() | ints | st.floats(allow_nan=False) | st.text(),
-                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                           max_leaves=20)
+refs = st.one_of(
+    st.none(),
+    st.text(max_size=5),
+    ints,
+    st.fixed_dictionaries({}, optional={"call_id": ids, "chat_id": ids, "x": st.text(max_size=30)}),
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | ints | st.floats(allow_nan=False) | st.text(),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=20,
+)
 events = st.one_of(st.sampled_from(EVENT_NAMES), st.text(max_size=20), ints, st.none())
-envelopes = st.fixed_dictionaries({}, optional={"event": events, "call": refs, "chat": refs,
-                                                "padding": st.text(max_size=6000), "extra": json_values})
+envelopes = st.fixed_dictionaries(
+    {}, optional={"event": events, "call": refs, "chat": refs, "padding": st.text(max_size=6000), "extra": json_values}
+)
 # Mostly well-formed deliveries with odd contents, so both sides of routing are reached.
 routables = st.builds(
-    lambda ev, key, extra: {"event": ev, "extra": extra,
-                            ("chat" if ev.startswith("chat_") else "call"): {key[0]: key[1], "x": extra}},
+    lambda ev, key, extra: {
+        "event": ev,
+        "extra": extra,
+        ("chat" if ev.startswith("chat_") else "call"): {key[0]: key[1], "x": extra},
+    },
     st.one_of(st.sampled_from(EVENT_NAMES), st.text(min_size=1, max_size=12)),
     st.tuples(st.sampled_from(["call_id", "chat_id"]), st.text(min_size=1, max_size=30)),
     json_values,
@@ -49,8 +59,9 @@ bodies = st.one_of(
 # Header values without surrounding blanks: HTTP strips them, and h11 refuses to send them.
 header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=120).map(str.strip)
 # Half of the deliveries correctly signed: the rest of the contract is behind the signature.
-signatures = st.one_of(st.just("valid"), st.sampled_from(["none", "wrong_key", "stale", "future"]), header_text,
-                       st.just("valid"))
+signatures = st.one_of(
+    st.just("valid"), st.sampled_from(["none", "wrong_key", "stale", "future"]), header_text, st.just("valid")
+)
 
 
 def routable(body: bytes) -> bool:
@@ -87,15 +98,26 @@ def test_fuzzed_bodies_and_headers_get_exactly_the_contracts_status(fuzz_gateway
     tally = {"stored": 0, "dead": 0, "sent": 0}
     client = httpx.Client(base_url=fuzz_gateway.url, timeout=15)
 
-    @settings(max_examples=400, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                     HealthCheck.data_too_large])
-    @given(body=bodies, sig=signatures, content_type=header_text, forwarded=header_text,
-           junk=st.dictionaries(st.from_regex(r"x-[a-z]{1,10}", fullmatch=True), header_text, max_size=3))
+    @settings(
+        max_examples=400,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        body=bodies,
+        sig=signatures,
+        content_type=header_text,
+        forwarded=header_text,
+        junk=st.dictionaries(st.from_regex(r"x-[a-z]{1,10}", fullmatch=True), header_text, max_size=3),
+    )
     def one(body: bytes, sig: str, content_type: str, forwarded: str, junk: dict[str, str]) -> None:
         header = {
-            "valid": sign(body, api_key), "none": None, "wrong_key": sign(body, "not_our_key"),
-            "stale": sign(body, api_key, 1_600_000_000_000), "future": sign(body, api_key, 4_000_000_000_000),
+            "valid": sign(body, api_key),
+            "none": None,
+            "wrong_key": sign(body, "not_our_key"),
+            "stale": sign(body, api_key, 1_600_000_000_000),
+            "future": sign(body, api_key, 4_000_000_000_000),
         }.get(sig, sig)
         h = {**junk, "content-type": content_type, "x-forwarded-for": forwarded}
         if header is not None:
@@ -123,8 +145,10 @@ def test_fuzzed_bodies_and_headers_get_exactly_the_contracts_status(fuzz_gateway
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     ev = CallFactory(Fleet(seed=1), seed=1).events("chat")[0]
-    assert client.post("/webhook", content=ev.body(), headers={"x-retell-signature": sign(ev.body(), api_key)}
-                       ).status_code == 204
+    assert (
+        client.post("/webhook", content=ev.body(), headers={"x-retell-signature": sign(ev.body(), api_key)}).status_code
+        == 204
+    )
     # One message per 204 and per dead letter, nothing for anything refused.
     got = counts()
     assert got["dead_letter"] == tally["dead"]
@@ -145,15 +169,19 @@ def test_schemathesis_cases_from_the_openapi_document(fuzz_gateway, api_key, cou
     tally = {"stored": 0, "dead": 0}
     client = httpx.Client(base_url=fuzz_gateway.url, timeout=15)
 
-    @settings(max_examples=250, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                     HealthCheck.filter_too_much])
+    @settings(
+        max_examples=250,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
     @given(case=op.as_strategy(), resign=st.booleans())
     def one(case: Any, resign: bool) -> None:
         body = json.dumps(case.body).encode()
         sig = sign(body, api_key) if resign else str((case.headers or {}).get("x-retell-signature", ""))
-        r = client.post("/webhook", content=body, headers={"content-type": "application/json",
-                                                           "x-retell-signature": sig.strip()})
+        r = client.post(
+            "/webhook", content=body, headers={"content-type": "application/json", "x-retell-signature": sig.strip()}
+        )
         assert r.status_code in documented, (r.status_code, r.text)
         want = 413 if len(body) > LIMIT else (204 if routable(body) else 422) if resign else 401
         assert r.status_code == want, (r.status_code, r.text, body[:200])

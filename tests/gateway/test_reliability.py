@@ -34,8 +34,13 @@ class Delivery:
 
 @pytest.fixture
 def own_broker(tmp_path: Path):
-    broker = LocalKafka(home=tmp_path / "kafka", port=free_port(), controller_port=free_port(), heap="512m",
-                        jars=REPO / ".kafka" / "jars" / KAFKA_VERSION)
+    broker = LocalKafka(
+        home=tmp_path / "kafka",
+        port=free_port(),
+        controller_port=free_port(),
+        heap="512m",
+        jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
+    )
     broker.start(wait=120)
     try:
         yield broker
@@ -48,8 +53,16 @@ async def _load(url: str, key: str, stop: asyncio.Event, out: list[Delivery], ra
     async with httpx.AsyncClient(timeout=10) as client:
 
         async def one(n: int) -> None:
-            body = orjson.dumps({"event": "call_started", "call": {"call_id": f"call_{n:06d}_{uuid.uuid4().hex}",
-                                                                   "agent_id": "agent_r", "call_status": "ongoing"}})
+            body = orjson.dumps(
+                {
+                    "event": "call_started",
+                    "call": {
+                        "call_id": f"call_{n:06d}_{uuid.uuid4().hex}",
+                        "agent_id": "agent_r",
+                        "call_status": "ongoing",
+                    },
+                }
+            )
             t0 = time.monotonic()
             try:
                 r = await client.post(url, content=body, headers={"x-retell-signature": sign(body, key)})

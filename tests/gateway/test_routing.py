@@ -24,21 +24,24 @@ def test_unknown_event_goes_to_unknown_keyed_by_whichever_id_it_has() -> None:
     assert route(b'{"event":"chat_paused","chat":{"chat_id":"h1"}}', "p").key == "h1"
 
 
-@pytest.mark.parametrize(("body", "why"), [
-    (b"", "not valid JSON"),
-    (b"{", "not valid JSON"),
-    (b"[]", "not a webhook event"),
-    (b'{"call":{"call_id":"c"}}', "not a webhook event"),
-    (b'{"event":"","call":{"call_id":"c"}}', "empty"),
-    (b'{"event":7,"call":{"call_id":"c"}}', "not a webhook event"),
-    (b'{"event":"call_started"}', "no call.call_id"),
-    (b'{"event":"call_started","call":{"call_id":""}}', "no call.call_id"),
-    (b'{"event":"call_started","chat":{"chat_id":"h"}}', "no call.call_id"),
-    (b'{"event":"chat_started","call":{"call_id":"c"}}', "no chat.chat_id"),
-    (b'{"event":"call_started","call":"c"}', "not a webhook event"),
-    (b'{"event":"call_started","call":{"call_id":5}}', "not a webhook event"),
-    (b'{"event":"mystery"}', "call.call_id or chat.chat_id"),
-])
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"", "not valid JSON"),
+        (b"{", "not valid JSON"),
+        (b"[]", "not a webhook event"),
+        (b'{"call":{"call_id":"c"}}', "not a webhook event"),
+        (b'{"event":"","call":{"call_id":"c"}}', "empty"),
+        (b'{"event":7,"call":{"call_id":"c"}}', "not a webhook event"),
+        (b'{"event":"call_started"}', "no call.call_id"),
+        (b'{"event":"call_started","call":{"call_id":""}}', "no call.call_id"),
+        (b'{"event":"call_started","chat":{"chat_id":"h"}}', "no call.call_id"),
+        (b'{"event":"chat_started","call":{"call_id":"c"}}', "no chat.chat_id"),
+        (b'{"event":"call_started","call":"c"}', "not a webhook event"),
+        (b'{"event":"call_started","call":{"call_id":5}}', "not a webhook event"),
+        (b'{"event":"mystery"}', "call.call_id or chat.chat_id"),
+    ],
+)
 def test_unroutable_bodies_say_why(body: bytes, why: str) -> None:
     with pytest.raises(PayloadError, match=why):
         route(body, "p")
@@ -46,6 +49,11 @@ def test_unroutable_bodies_say_why(body: bytes, why: str) -> None:
 
 def test_other_fields_are_not_decoded() -> None:
     # A huge or odd rest of the body does not matter: only the envelope is checked.
-    body = orjson.dumps({"event": EVENT_NAMES[0], "call": {"call_id": "c", "transcript_object": "not a list",
-                                                           "n": 1e300}, "extra": [None] * 1000})
+    body = orjson.dumps(
+        {
+            "event": EVENT_NAMES[0],
+            "call": {"call_id": "c", "transcript_object": "not a list", "n": 1e300},
+            "extra": [None] * 1000,
+        }
+    )
     assert route(body, "p").key == "c"

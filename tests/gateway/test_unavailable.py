@@ -12,8 +12,11 @@ pytestmark = pytest.mark.kafka
 
 
 def test_no_broker_means_503_with_retry_after_and_not_ready(make_gateway, post):
-    gw = make_gateway(CALLSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}", CALLSTREAM_PUBLISH_TIMEOUT_S="1.5",
-                      CALLSTREAM_RETRY_AFTER_S="7")
+    gw = make_gateway(
+        CALLSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}",
+        CALLSTREAM_PUBLISH_TIMEOUT_S="1.5",
+        CALLSTREAM_RETRY_AFTER_S="7",
+    )
     assert httpx.get(gw.url + "/healthz").status_code == 200
     r = httpx.get(gw.url + "/readyz", timeout=10)
     assert (r.status_code, r.json()) == (503, {"kafka": "unreachable"})

@@ -8,8 +8,17 @@ from kernel.catalogue import (
 )
 
 SEED_EVENTS = {
-    "call_started", "call_ended", "call_analyzed", "transcript_updated", "transfer_started",
-    "transfer_bridged", "transfer_cancelled", "transfer_ended", "chat_started", "chat_ended", "chat_analyzed",
+    "call_started",
+    "call_ended",
+    "call_analyzed",
+    "transcript_updated",
+    "transfer_started",
+    "transfer_bridged",
+    "transfer_cancelled",
+    "transfer_ended",
+    "chat_started",
+    "chat_ended",
+    "chat_analyzed",
 }
 
 

@@ -83,10 +83,20 @@ def test_a_changed_body_or_timestamp_is_refused(body: bytes) -> None:
     assert webhook_auth.verify(body.decode(), KEY, moved) is False
 
 
-@pytest.mark.parametrize("header", [
-    "", "v=1,d=", "d=" + "a" * 64, "v=abc,d=" + "a" * 64, "v=1,d=" + "A" * 64, "v=1,d=" + "a" * 63,
-    "v=1, d=" + "a" * 64, "t=1,v1=" + "a" * 64, "v=1,d=" + "a" * 64 + ",x=1",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "v=1,d=",
+        "d=" + "a" * 64,
+        "v=abc,d=" + "a" * 64,
+        "v=1,d=" + "A" * 64,
+        "v=1,d=" + "a" * 63,
+        "v=1, d=" + "a" * 64,
+        "t=1,v1=" + "a" * 64,
+        "v=1,d=" + "a" * 64 + ",x=1",
+    ],
+)
 def test_malformed_headers_are_refused_as_retell_sdk_does(body: bytes, header: str) -> None:
     with pytest.raises(MissingSignature if not header else MalformedSignature):
         verify(body, header, [KEY.encode()])

@@ -42,8 +42,13 @@ def test_agent_counts_a_call_once_and_writes_to_its_partition(app):
     async def go() -> dict:
         async with agent.test_context() as ctx:
             for ev in evs + evs:  # every delivery twice
-                await ctx.put(ev.body(), key=ev.key.encode(), partition=2, wait=False,
-                              headers=[("event", ev.event.encode()), ("received_at", now)])
+                await ctx.put(
+                    ev.body(),
+                    key=ev.key.encode(),
+                    partition=2,
+                    wait=False,
+                    headers=[("event", ev.event.encode()), ("received_at", now)],
+                )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 book = processor.books.get(2)

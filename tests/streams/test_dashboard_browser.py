@@ -15,8 +15,16 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def tile(page, name: str) -> str:
@@ -33,8 +41,12 @@ def test_dashboard_updates_live(topics, api_key, gateway_service, start_service,
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=ARGS,
-            viewport={"width": 1280, "height": 1100})
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=ARGS,
+            viewport={"width": 1280, "height": 1100},
+        )
         try:
             page = browser.new_page()
             requests: list[str] = []
@@ -44,14 +56,18 @@ def test_dashboard_updates_live(topics, api_key, gateway_service, start_service,
             assert tile(page, "calls") == "0"
             # Playwright's sync API runs an event loop in this thread; the sender gets its own.
             with ThreadPoolExecutor(1) as pool:
-                res = pool.submit(asyncio.run, simulate(f"{gateway_service.url}/webhook", api_key, calls=40,
-                                                        rate=300, seed=4, agents=2)).result()
+                res = pool.submit(
+                    asyncio.run,
+                    simulate(f"{gateway_service.url}/webhook", api_key, calls=40, rate=300, seed=4, agents=2),
+                ).result()
             assert res.failed == 0
             want = str(len(res.calls))
             for name in ("calls", "ended"):
                 page.wait_for_function(
-                    "([m, n]) => document.querySelector(`.tile[data-metric=\"${m}\"] .v`).innerText === n",
-                    arg=[name, want], timeout=60_000)
+                    '([m, n]) => document.querySelector(`.tile[data-metric="${m}"] .v`).innerText === n',
+                    arg=[name, want],
+                    timeout=60_000,
+                )
             assert tile(page, "calls") == want and tile(page, "ended") == want
             page.wait_for_selector("#alerts tbody tr", timeout=30_000)  # failed dials and errors raise alerts
             assert page.locator("#agents tbody tr").count() == 2

@@ -90,7 +90,8 @@ def test_transfer_cancelled_and_bridged(factory):
     assert (t["transfers_started"], t["transfers_bridged"], t["transfers_cancelled"]) == (2, 1, 1)
     cid = cancelled[0].key
     assert sorted(a.id for a in got) == sorted(
-        [f"transfer_cancelled:{cid}", f"unsuccessful:{cid}", f"negative_sentiment:{cid}"])
+        [f"transfer_cancelled:{cid}", f"unsuccessful:{cid}", f"negative_sentiment:{cid}"]
+    )
 
 
 def test_windows_are_per_minute_and_per_agent(factory):
@@ -133,7 +134,7 @@ def test_crash_at_any_point_recovers_without_double_counting(factory, seed):
     """Cut the changelog anywhere (a SIGKILL loses a tail), recover, reprocess the uncommitted
     batches: the totals equal a run without the crash."""
     msgs, ids = _scenario(factory, 60)
-    batches = [msgs[i:i + 37] for i in range(0, len(msgs), 37)]
+    batches = [msgs[i : i + 37] for i in range(0, len(msgs), 37)]
     rules = load_config()
     clean = Processor(DictStore(), rules)
     for b in batches:

@@ -59,8 +59,14 @@ def start_worker(start_service, tmp_path: Path) -> Callable[..., object]:
 
     def start(env: dict[str, str] | None = None, name: str = "worker"):
         port = free_port()
-        return start_service(name, "worker", "--web-port", str(port), url=f"http://127.0.0.1:{port}",
-                             env={"CALLSTREAM_ALERTS_CONFIG": str(cfg), **(env or {})})
+        return start_service(
+            name,
+            "worker",
+            "--web-port",
+            str(port),
+            url=f"http://127.0.0.1:{port}",
+            env={"CALLSTREAM_ALERTS_CONFIG": str(cfg), **(env or {})},
+        )
 
     return start
 
@@ -69,8 +75,11 @@ def post_all(url: str, key: str, events: list[Event]) -> None:
     with httpx.Client(timeout=15) as c:
         for ev in events:
             body = ev.body()
-            r = c.post(f"{url}/webhook", content=body,
-                       headers={"x-retell-signature": sign(body, key), "content-type": "application/json"})
+            r = c.post(
+                f"{url}/webhook",
+                content=body,
+                headers={"x-retell-signature": sign(body, key), "content-type": "application/json"},
+            )
             assert r.status_code == 204, r.text
 
 
@@ -120,7 +129,11 @@ def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_ser
     send = (
         [e for e in dup for _ in range(2)]  # every delivery retried
         + [e for e in late if e.event != "call_analyzed"]
-        + plain + bridged + cancelled + chat + error
+        + plain
+        + bridged
+        + cancelled
+        + chat
+        + error
         + [e for evs in failed for e in evs]
         + cancelled[-2:]  # a late retry of call_ended / call_analyzed
     )
@@ -130,8 +143,9 @@ def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_ser
     phone = [evs for cid, evs in calls.items() if not cid.startswith("chat_")]
     ended = [next(e for e in evs if e.event == "call_ended").payload["call"] for evs in phone]
     connected = [c for c in ended if c["call_status"] != "not_connected"]
-    m = wait_metrics(worker, lambda m: m["overall"]["calls_analyzed"] == len(phone)
-                     and m["overall"]["chats_analyzed"] == 1)
+    m = wait_metrics(
+        worker, lambda m: m["overall"]["calls_analyzed"] == len(phone) and m["overall"]["chats_analyzed"] == 1
+    )
     o = m["overall"]
     assert (o["calls"], o["calls_started"], o["calls_ended"], o["calls_analyzed"]) == (11, 6, 11, 11)
     assert (o["connected"], o["not_connected"], o["failed"], o["active_calls"]) == (6, 5, 6, 0)
@@ -139,25 +153,34 @@ def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_ser
     assert (o["calls_successful"], o["calls_unsuccessful"], o["success_rate"]) == (4, 7, round(4 / 11, 4))
     assert (o["transfers_started"], o["transfers_bridged"], o["transfers_cancelled"]) == (2, 1, 1)
     assert o["disconnection_reasons"] == dict(Counter(c["disconnection_reason"] for c in ended))
-    assert o["sentiment"] == dict(Counter(
-        next(e for e in evs if e.event == "call_analyzed").payload["call"]["call_analysis"]["user_sentiment"]
-        for evs in phone))
+    assert o["sentiment"] == dict(
+        Counter(
+            next(e for e in evs if e.event == "call_analyzed").payload["call"]["call_analysis"]["user_sentiment"]
+            for evs in phone
+        )
+    )
     assert o["cost_total"] == pytest.approx(sum(c["call_cost"]["combined_cost"] for c in ended), abs=1e-3)
     durations = [c["duration_ms"] for c in connected]
     assert o["duration_p50_ms"] == pytest.approx(exact_quantile(durations, 0.5), rel=0.02)
     assert o["duration_p95_ms"] == pytest.approx(exact_quantile(durations, 0.95), rel=0.02)
     assert o["e2e_latency_p50_ms"] == pytest.approx(
-        exact_quantile([c["latency"]["e2e"]["p50"] for c in connected], 0.5), rel=0.02)
+        exact_quantile([c["latency"]["e2e"]["p50"] for c in connected], 0.5), rel=0.02
+    )
     chat_ok = chat[-1].payload["chat"]["chat_analysis"]["chat_successful"]
     assert (o["chats_started"], o["chats_ended"], o["chats_successful"]) == (1, 1, int(chat_ok))
     assert m["agents"][bad]["failed"] == 6 and m["agents"][good]["failed"] == 0
     assert sum(w["overall"]["calls"] for w in m["windows"]) == 11
 
     cid = lambda evs: evs[0].key  # noqa: E731
-    want = ({f"failed_dial:{cid(evs)}" for evs in failed}
-            | {f"error:{cid(error)}", f"unsuccessful:{cid(error)}"}
-            | {f"transfer_cancelled:{cid(cancelled)}", f"unsuccessful:{cid(cancelled)}",
-               f"negative_sentiment:{cid(cancelled)}"})
+    want = (
+        {f"failed_dial:{cid(evs)}" for evs in failed}
+        | {f"error:{cid(error)}", f"unsuccessful:{cid(error)}"}
+        | {
+            f"transfer_cancelled:{cid(cancelled)}",
+            f"unsuccessful:{cid(cancelled)}",
+            f"negative_sentiment:{cid(cancelled)}",
+        }
+    )
 
     def alert_ids(body: dict) -> list[str]:
         return [a["id"] if a["rule"] != "failure_rate" else f"failure_rate:{a['agent_id']}" for a in body["alerts"]]
@@ -168,8 +191,10 @@ def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_ser
     deadline = time.monotonic() + 30
     while len(hook.bodies) < len(want_all) and time.monotonic() < deadline:
         time.sleep(0.2)
-    got = [b["alert"]["id"] if b["alert"]["rule"] != "failure_rate" else f"failure_rate:{b['alert']['agent_id']}"
-           for b in hook.bodies]
+    got = [
+        b["alert"]["id"] if b["alert"]["rule"] != "failure_rate" else f"failure_rate:{b['alert']['agent_id']}"
+        for b in hook.bodies
+    ]
     assert sorted(got) == sorted(want_all)
     assert all(b["text"] for b in hook.bodies)
 
@@ -199,8 +224,15 @@ def test_sigkill_mid_stream_then_restart_counts_each_call_once(topics, api_key, 
     res = results[0]
     assert res.failed == 0
     w2 = start_worker(name="worker-restarted")
-    m = wait_metrics(w2, lambda m: m["complete"] and _seen(m) == _distinct(res) and m["overall"]["calls_analyzed"]
-                     == len(res.calls) and m["overall"]["active_calls"] == 0)
+    m = wait_metrics(
+        w2,
+        lambda m: (
+            m["complete"]
+            and _seen(m) == _distinct(res)
+            and m["overall"]["calls_analyzed"] == len(res.calls)
+            and m["overall"]["active_calls"] == 0
+        ),
+    )
     assert _seen(m) == _distinct(res)
     assert m["overall"]["calls_ended"] == len(res.calls)
     assert m["overall"]["chats_started"] == len(res.chats)
@@ -218,14 +250,28 @@ def test_two_workers_share_partitions_and_one_carries_on(topics, api_key, gatewa
     first = _simulate(gateway_service.url, api_key, 60, seed=8)
     # A call is "seen" at its first event, and the sender may deliver call_ended after
     # call_analyzed (it does not wait between them), so wait for every count to arrive.
-    m = wait_metrics(b, lambda m: m["complete"] and _seen(m) == _distinct(first)
-                     and m["overall"]["calls_analyzed"] == m["overall"]["calls_ended"] == len(first.calls))
+    m = wait_metrics(
+        b,
+        lambda m: (
+            m["complete"]
+            and _seen(m) == _distinct(first)
+            and m["overall"]["calls_analyzed"] == m["overall"]["calls_ended"] == len(first.calls)
+        ),
+    )
     b.stop(signal.SIGKILL)
     # About 18 s of traffic: it keeps arriving while the group notices b is gone (the session
     # timeout is 10 s) and a takes over b's partitions, so a rebalances with batches in hand.
     second = _simulate(gateway_service.url, api_key, 60, seed=9, rate=20)
     total = _distinct(first) + _distinct(second)
     analyzed = len(first.calls) + len(second.calls)
-    m = wait_metrics(a, lambda m: m["complete"] and len(m["workers"]) == 1 and _seen(m) == total
-                     and m["overall"]["calls_analyzed"] == m["overall"]["calls_ended"] == analyzed, timeout=180)
+    m = wait_metrics(
+        a,
+        lambda m: (
+            m["complete"]
+            and len(m["workers"]) == 1
+            and _seen(m) == total
+            and m["overall"]["calls_analyzed"] == m["overall"]["calls_ended"] == analyzed
+        ),
+        timeout=180,
+    )
     assert m["partitions"] == [0, 1, 2]

@@ -61,8 +61,14 @@ class TopicLog:
 
     def __init__(self, bootstrap: str, prefix: str, timeout: float = 30.0) -> None:
         self.names = {suffix: topic(prefix, suffix) for suffix in (*FAMILIES, DEAD_LETTER)}
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"audit-{uuid.uuid4().hex}",
-                                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"audit-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
         deadline = time.monotonic() + timeout
         while True:  # a topic just created can take a moment to show in the metadata
             meta = self.consumer.list_topics(timeout=timeout)
@@ -84,10 +90,12 @@ class TopicLog:
                 continue
             if m.topic() == self.names[DEAD_LETTER]:
                 headers = dict(m.headers() or [])
-                self.dead_letters.append(f"{headers.get('source_topic', b'?').decode()}"
-                                         f"[{headers.get('source_partition', b'?').decode()}]"
-                                         f"@{headers.get('source_offset', b'?').decode()} key {m.key()!r}: "
-                                         f"{headers.get(Header.REASON, b'?').decode(errors='replace')}")
+                self.dead_letters.append(
+                    f"{headers.get('source_topic', b'?').decode()}"
+                    f"[{headers.get('source_partition', b'?').decode()}]"
+                    f"@{headers.get('source_offset', b'?').decode()} key {m.key()!r}: "
+                    f"{headers.get(Header.REASON, b'?').decode(errors='replace')}"
+                )
                 continue
             keys = self.keys[(str(m.topic()), int(m.partition() or 0))]
             assert m.offset() == len(keys), f"{m.topic()}[{m.partition()}]: offset {m.offset()} after {len(keys)}"
@@ -178,11 +186,16 @@ def database_problems(db: Path, offsets: Offsets, last_deliveries: LastDeliverie
     """
     with duckdb.connect(str(db), read_only=True) as con:
         stored = {
-            suffix: {(p, k): o for k, p, o in con.execute(f"SELECT {key}, kafka_partition, kafka_offset FROM {table}").fetchall()}
+            suffix: {
+                (p, k): o
+                for k, p, o in con.execute(f"SELECT {key}, kafka_partition, kafka_offset FROM {table}").fetchall()
+            }
             for suffix, (table, key) in FAMILIES.items()
         }
-        doubled = {table: con.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {table}").fetchone()
-                   for table, key in FAMILIES.values()}
+        doubled = {
+            table: con.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {table}").fetchone()
+            for table, key in FAMILIES.values()
+        }
         children = [r[0] for r in con.execute(_CHILDREN).fetchall()]
     problems = [f"child rows do not match their parent: {c}" for c in children[:10]]
     problems += [f"{table}: {n[0]} keys stored twice" for table, n in doubled.items() if n and n[0]]
@@ -191,13 +204,20 @@ def database_problems(db: Path, offsets: Offsets, last_deliveries: LastDeliverie
         for label, keys in (
             ("in the topic below the stored offset but not in the table", sorted(set(want) - set(have))),
             ("in the table but not in the topic below the stored offset", sorted(set(have) - set(want))),
-            ("stored from an earlier delivery than the last one", sorted(k for k in set(want) & set(have)
-                                                                         if want[k] != have[k])),
+            (
+                "stored from an earlier delivery than the last one",
+                sorted(k for k in set(want) & set(have) if want[k] != have[k]),
+            ),
         ):
             if keys:
-                problems.append(f"{table}: {len(keys)} {label}: " + ", ".join(
-                    f"{k} [{p}] (last delivery @{want.get((p, k))}, row from @{have.get((p, k))})" for p, k in keys[:10]
-                ) + f"; stored offsets {offsets}")
+                problems.append(
+                    f"{table}: {len(keys)} {label}: "
+                    + ", ".join(
+                        f"{k} [{p}] (last delivery @{want.get((p, k))}, row from @{have.get((p, k))})"
+                        for p, k in keys[:10]
+                    )
+                    + f"; stored offsets {offsets}"
+                )
     return problems
 
 

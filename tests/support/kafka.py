@@ -12,8 +12,14 @@ from kernel.catalogue import all_topics
 
 def consume_all(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) -> list[Message]:
     """Read `topic` from the beginning until `expect` messages arrived or `timeout` passed."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     meta = c.list_topics(topic, timeout=10).topics[topic]
     c.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
     got: list[Message] = []

@@ -39,8 +39,9 @@ class TrafficProducer:
         self.prefix = prefix
         self.factory = CallFactory(Fleet(seed=seed, agents=4), seed=seed, turns=turns)
         self.rng = random.Random(seed)
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
-                                  "enable.idempotence": True})
+        self.producer = Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4", "enable.idempotence": True}
+        )
         self.sent = Sent()
         # flush() returning 0 only means no message is waiting: a refused one leaves the queue too,
         # so every delivery report is looked at.
@@ -51,10 +52,13 @@ class TrafficProducer:
             self.refused.append(f"{msg.topic()} key {msg.key()!r}: {err}")
 
     def send_raw(self, event: str, key: str, body: bytes) -> None:
-        self.producer.produce(topic(self.prefix, event), key=key.encode(), value=body,
-                              headers=[(Header.EVENT, event.encode()),
-                                       (Header.RECEIVED_AT, str(int(time.time() * 1000)).encode())],
-                              on_delivery=self._delivered)
+        self.producer.produce(
+            topic(self.prefix, event),
+            key=key.encode(),
+            value=body,
+            headers=[(Header.EVENT, event.encode()), (Header.RECEIVED_AT, str(int(time.time() * 1000)).encode())],
+            on_delivery=self._delivered,
+        )
         self.producer.poll(0)
         self.sent.deliveries += 1
 

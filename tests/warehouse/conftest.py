@@ -55,7 +55,10 @@ def run_sink_once(service_env: dict[str, str], sink_env: dict[str, str], tmp_pat
     def run(**env: str) -> str:
         proc = subprocess.run(
             [sys.executable, "-m", "callstream", "sink", "--until-caught-up"],
-            env={**service_env, **sink_env, **env}, cwd=tmp_path, capture_output=True, timeout=240,
+            env={**service_env, **sink_env, **env},
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=240,
         )
         out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
         assert proc.returncode == 0, out[-4000:]
@@ -86,8 +89,10 @@ def family_batch() -> Callable[..., dict[str, pa.Table]]:
         batch = FamilyBatch(family)
         for i in range(n):
             body = factory.events(scenario)[-1].payload
-            batch.add(orjson.dumps(body), Source(partition=partition, offset=offset + i, received_at_ms=1_790_000_000_000,
-                                                 loaded_at_ms=1))
+            batch.add(
+                orjson.dumps(body),
+                Source(partition=partition, offset=offset + i, received_at_ms=1_790_000_000_000, loaded_at_ms=1),
+            )
         return batch.tables()
 
     return make

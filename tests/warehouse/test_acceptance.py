@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 CRASH_CALLS = 20_000
 
 
-def test_sigkill_at_random_moments_loses_and_doubles_nothing(traffic, start_service, sink_env, run_sink_once,
-                                                             warehouse_paths, topic_log):
+def test_sigkill_at_random_moments_loses_and_doubles_nothing(
+    traffic, start_service, sink_env, run_sink_once, warehouse_paths, topic_log
+):
     db, parquet = warehouse_paths
     p = traffic(seed=21, turns=(2, 4))
     rng = random.Random(5)
@@ -39,7 +40,9 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(traffic, start_serv
                 p.send(min(250, target - len(p.sent.calls)), duplicates=0.05)
                 p.flush()
             for call_id in rng.sample(earlier, min(100, len(earlier))):
-                p.send_raw("call_analyzed", call_id, orjson.dumps({"event": "call_analyzed", "call": p.sent.calls[call_id]}))
+                p.send_raw(
+                    "call_analyzed", call_id, orjson.dumps({"event": "call_analyzed", "call": p.sent.calls[call_id]})
+                )
             p.flush()
         except BaseException as exc:  # a thread's exception would otherwise only be a warning
             failed.append(exc)

@@ -25,12 +25,17 @@ TOPIC = {CALL_FAMILY.name: CALLS_TOPIC, CHAT_FAMILY.name: CHATS_TOPIC}
 def load(con: duckdb.DuckDBPyConnection, seq: int, batch: dict[Family, tuple[dict[str, pa.Table], int, int]]) -> None:
     """One batch as the sink writes it. `batch` maps a family to its tables and the first and next
     offset it read (partition 0)."""
-    write_batch(con, {TOPIC[f.name]: f for f in batch}, _Batch(
-        tables={TOPIC[f.name]: tables for f, (tables, _, _) in batch.items()},
-        first_offsets={(TOPIC[f.name], 0): first for f, (_, first, _) in batch.items()},
-        next_offsets={(TOPIC[f.name], 0): nxt for f, (_, _, nxt) in batch.items()},
-        records=0,
-    ), seq)
+    write_batch(
+        con,
+        {TOPIC[f.name]: f for f in batch},
+        _Batch(
+            tables={TOPIC[f.name]: tables for f, (tables, _, _) in batch.items()},
+            first_offsets={(TOPIC[f.name], 0): first for f, (_, first, _) in batch.items()},
+            next_offsets={(TOPIC[f.name], 0): nxt for f, (_, _, nxt) in batch.items()},
+            records=0,
+        ),
+        seq,
+    )
 
 
 def offsets(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
@@ -46,8 +51,14 @@ def loaded(warehouse_db: duckdb.DuckDBPyConnection, family_batch: Callable[..., 
     """Three loads: calls and chats at offsets 0-7, then 8-15, then a repeat of the first calls at 16-23."""
     first_calls = family_batch(CALL_FAMILY, 8)
     load(warehouse_db, 1, {CALL_FAMILY: (first_calls, 0, 8), CHAT_FAMILY: (family_batch(CHAT_FAMILY, 8), 0, 8)})
-    load(warehouse_db, 2, {CALL_FAMILY: (family_batch(CALL_FAMILY, 8, offset=8), 8, 16),
-                           CHAT_FAMILY: (family_batch(CHAT_FAMILY, 8, offset=8), 8, 16)})
+    load(
+        warehouse_db,
+        2,
+        {
+            CALL_FAMILY: (family_batch(CALL_FAMILY, 8, offset=8), 8, 16),
+            CHAT_FAMILY: (family_batch(CHAT_FAMILY, 8, offset=8), 8, 16),
+        },
+    )
     load(warehouse_db, 3, {CALL_FAMILY: (first_calls, 16, 24)})
     return warehouse_db
 
@@ -76,7 +87,9 @@ def test_a_load_short_after_a_restart_is_undone_and_its_offsets_move_back(loaded
     assert offsets(loaded) == {CALLS_TOPIC: 8, CHATS_TOPIC: 8} != before
     # Its Parquet parts are rewritten at the next publish.
     assert sorted(run(loaded, "SELECT DISTINCT family, part_seq FROM _callstream_dirty WHERE part_seq = 2")) == [
-        ("calls", 2), ("chats", 2)]
+        ("calls", 2),
+        ("chats", 2),
+    ]
     # Checked and checkpointed: the ledger starts after load 3, and the next start finds nothing.
     assert ledger.base(loaded) == 3 and ledger.last_seq(loaded) == 3
     assert scalar(loaded, "SELECT count(*) FROM _callstream_loads") == 0
@@ -93,9 +106,12 @@ def test_rows_the_ledger_does_not_know_are_undone_too(loaded):
 def test_a_load_kafka_no_longer_holds_stops_the_sink_and_changes_nothing(loaded):
     run(loaded, "DELETE FROM call_utterances WHERE _load_seq = 2 AND turn = 0")
     before = offsets(loaded), scalar(loaded, "SELECT count(*) FROM calls")
-    with pytest.raises(ledger.LedgerError, match=r"load 2 in call_utterances: \d+ rows stored, the ledger says \d+\. "
-                                                  r"Reloading needs offsets that Kafka no longer holds: "
-                                                  r"t\.call_analyzed\[0\]@8, t\.chat_analyzed\[0\]@8"):
+    with pytest.raises(
+        ledger.LedgerError,
+        match=r"load 2 in call_utterances: \d+ rows stored, the ledger says \d+\. "
+        r"Reloading needs offsets that Kafka no longer holds: "
+        r"t\.call_analyzed\[0\]@8, t\.chat_analyzed\[0\]@8",
+    ):
         ledger.verify_and_repair(loaded, 3, lambda topic, partition: 10)
     assert (offsets(loaded), scalar(loaded, "SELECT count(*) FROM calls")) == before
 

@@ -37,10 +37,19 @@ def built_warehouse(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: s
             p.send(1, duplicates=0.05, now_ms=now - day * 86_400_000 - p.rng.randint(0, 36_000_000))
     p.flush()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
-    env.update(CALLSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap, CALLSTREAM_TOPIC_PREFIX=prefix,
-               CALLSTREAM_WAREHOUSE=str(tmp / "warehouse.duckdb"), CALLSTREAM_PARQUET_DIR=str(tmp / "parquet"))
-    proc = subprocess.run([sys.executable, "-m", "callstream", "sink", "--until-caught-up"], env=env, cwd=tmp,
-                          capture_output=True, timeout=240)
+    env.update(
+        CALLSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        CALLSTREAM_TOPIC_PREFIX=prefix,
+        CALLSTREAM_WAREHOUSE=str(tmp / "warehouse.duckdb"),
+        CALLSTREAM_PARQUET_DIR=str(tmp / "parquet"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "callstream", "sink", "--until-caught-up"],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     return tmp / "parquet"
 

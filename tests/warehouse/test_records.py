@@ -54,13 +54,16 @@ def test_call_becomes_one_row_with_utterances_and_tool_calls(analyzed):
         (e["tool_call_id"], e["name"], e["arguments"]) for e in invocations
     ]
     for t in rows["call_tool_calls"]:
-        assert (t["result"], t["successful"]) == (results[t["tool_call_id"]]["content"],
-                                                   results[t["tool_call_id"]]["successful"])
+        assert (t["result"], t["successful"]) == (
+            results[t["tool_call_id"]]["content"],
+            results[t["tool_call_id"]]["successful"],
+        )
     assert row["utterance_count"] == len(utts)
 
 
-@pytest.mark.parametrize("opt", [{"opt_out_sensitive_data_storage": True},
-                                 {"data_storage_setting": "basic_attributes_only"}])
+@pytest.mark.parametrize(
+    "opt", [{"opt_out_sensitive_data_storage": True}, {"data_storage_setting": "basic_attributes_only"}]
+)
 def test_opted_out_call_keeps_no_sensitive_content(analyzed, opt):
     body = analyzed("completed", **opt)
     body["call"].update(opt)  # the analyzed object carries what the call was created with
@@ -91,13 +94,16 @@ def test_new_fields_and_roles_do_not_stop_loading(analyzed):
     assert rows["calls"][0]["utterance_count"] == len(call["transcript_object"]) + 2
 
 
-@pytest.mark.parametrize(("mutate", "reason"), [
-    (lambda b: b.pop("call"), "missing required field `call`"),
-    (lambda b: b["call"].pop("call_id"), "call_id"),
-    (lambda b: b["call"].__setitem__("duration_ms", "long"), "$.call.duration_ms"),
-    (lambda b: b["call"]["call_analysis"].__setitem__("call_successful", "maybe"), "call_successful"),
-    (lambda b: b["call"].__setitem__("transcript_with_tool_calls", [{"role": "tool_call_result"}]), "tool_call_id"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda b: b.pop("call"), "missing required field `call`"),
+        (lambda b: b["call"].pop("call_id"), "call_id"),
+        (lambda b: b["call"].__setitem__("duration_ms", "long"), "$.call.duration_ms"),
+        (lambda b: b["call"]["call_analysis"].__setitem__("call_successful", "maybe"), "call_successful"),
+        (lambda b: b["call"].__setitem__("transcript_with_tool_calls", [{"role": "tool_call_result"}]), "tool_call_id"),
+    ],
+)
 def test_unloadable_record_is_an_error_that_names_the_field(analyzed, mutate, reason):
     body = analyzed("completed")
     mutate(body)
@@ -123,7 +129,9 @@ def test_chat_becomes_chat_and_messages():
     chat = body["chat"]
     assert row["chat_id"] == chat["chat_id"]
     assert row["chat_successful"] == chat["chat_analysis"]["chat_successful"]
-    assert [m["message_id"] for m in rows["chat_messages"]] == [m["message_id"] for m in chat["message_with_tool_calls"]]
+    assert [m["message_id"] for m in rows["chat_messages"]] == [
+        m["message_id"] for m in chat["message_with_tool_calls"]
+    ]
     assert row["message_count"] == len(chat["message_with_tool_calls"])
 
 

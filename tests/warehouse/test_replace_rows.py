@@ -44,7 +44,9 @@ def test_a_batch_is_stored_whole_and_a_repeat_replaces_it(warehouse_db, family_b
     tables = family_batch(family, 8)
     for seq in (1, 2):  # the second load of the same keys replaces the first
         run(warehouse_db, "BEGIN TRANSACTION")
-        assert replace_rows(warehouse_db, family, tables, seq) == {n: t.num_rows for n, t in tables.items() if t.num_rows}
+        assert replace_rows(warehouse_db, family, tables, seq) == {
+            n: t.num_rows for n, t in tables.items() if t.num_rows
+        }
         run(warehouse_db, "COMMIT")
     for t in family.tables:
         assert _count(warehouse_db, t.name) == tables[t.name].num_rows
@@ -56,8 +58,11 @@ def test_an_insert_that_stores_fewer_rows_than_the_batch_fails_before_the_commit
     tables = family_batch(family, 8)
     lossy: Any = _LosesFirstRow(warehouse_db, family.parent.name)
     run(warehouse_db, "BEGIN TRANSACTION")
-    with pytest.raises(WarehouseError, match=rf"load 1 into {family.parent.name}: the batch holds 8 rows, "
-                                             r"the INSERT reported 7 and the table holds 7"):
+    with pytest.raises(
+        WarehouseError,
+        match=rf"load 1 into {family.parent.name}: the batch holds 8 rows, "
+        r"the INSERT reported 7 and the table holds 7",
+    ):
         replace_rows(lossy, family, tables, 1)
     run(warehouse_db, "ROLLBACK")  # what Sink._write does with any error before COMMIT
     for t in family.tables:
@@ -73,7 +78,9 @@ class _LosesAtCommit:
 
     def execute(self, query: str, params: Any = None) -> Any:
         if query == "COMMIT":
-            self._con.execute(f"DELETE FROM {self._table} WHERE rowid = (SELECT min(rowid) FROM {self._table})").fetchall()
+            self._con.execute(
+                f"DELETE FROM {self._table} WHERE rowid = (SELECT min(rowid) FROM {self._table})"
+            ).fetchall()
         return self._con.execute(query, params) if params is not None else self._con.execute(query)
 
     def __getattr__(self, name: str) -> Any:
@@ -81,16 +88,23 @@ class _LosesAtCommit:
 
 
 def test_a_row_lost_in_the_commit_stops_the_sink_and_the_ledger_has_the_load_for_the_next_start(tmp_path, family_batch):
-    cfg = SinkSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="t", warehouse=str(tmp_path / "w.duckdb"),
-                       parquet_dir=str(tmp_path / "parquet"))
+    cfg = SinkSettings(
+        kafka_bootstrap="127.0.0.1:1",
+        topic_prefix="t",
+        warehouse=str(tmp_path / "w.duckdb"),
+        parquet_dir=str(tmp_path / "parquet"),
+    )
     chats = topic("t", CHAT_FAMILY.topic_suffix)
     sink = Sink(cfg)
     try:
         real = sink.con
         sink.con = _LosesAtCommit(real, "chats")  # type: ignore[assignment]
         batch = _Batch({chats: family_batch(CHAT_FAMILY, 8)}, {(chats, 0): 0}, {(chats, 0): 8}, records=8)
-        with pytest.raises(WarehouseError, match=r"load 1 into chats: 8 rows inserted, but the table holds 7 after "
-                                                 r"COMMIT; stopping, the next start reloads this load from Kafka"):
+        with pytest.raises(
+            WarehouseError,
+            match=r"load 1 into chats: 8 rows inserted, but the table holds 7 after "
+            r"COMMIT; stopping, the next start reloads this load from Kafka",
+        ):
             sink._write(batch)
         assert ledger.check(real) == [ledger.Mismatch("chats", 1, expected=8, stored=7)]
         assert ledger.rewind_points(real, {1}) == {(chats, 0): 0}

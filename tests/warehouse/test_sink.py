@@ -65,7 +65,10 @@ def test_opted_out_calls_leave_no_sensitive_text_in_any_file(traffic, run_sink_o
     marker_kept = "KEEP-" + "x7Qp" * 6
     marker_out = "SECRET-" + "z9Wr" * 6
     kept = p.send(1, scenario="completed")[0]
-    optouts = [*p.send(1, scenario="opt_out"), *p.send(1, scenario="completed", data_storage_setting="basic_attributes_only")]
+    optouts = [
+        *p.send(1, scenario="opt_out"),
+        *p.send(1, scenario="completed", data_storage_setting="basic_attributes_only"),
+    ]
     p.sent.calls.clear()
     for cid, marker in [(kept, marker_kept), *((o, marker_out) for o in optouts)]:
         # Re-send each call with a unique sentence in every place that holds conversation content.
@@ -76,11 +79,16 @@ def test_opted_out_calls_leave_no_sensitive_text_in_any_file(traffic, run_sink_o
             c["data_storage_setting"] = "basic_attributes_only" if cid == optouts[1] else "everything"
         c["transcript"] = f"Agent: {marker} transcript"
         c["transcript_object"][0]["content"] = f"{marker} utterance"
-        c["transcript_with_tool_calls"] = [*c["transcript_object"],
-                                           {"role": "tool_call_invocation", "tool_call_id": "t1", "name": "lookup",
-                                            "arguments": f'{{"q": "{marker} args"}}'},
-                                           {"role": "tool_call_result", "tool_call_id": "t1", "successful": True,
-                                            "content": f"{marker} result"}]
+        c["transcript_with_tool_calls"] = [
+            *c["transcript_object"],
+            {
+                "role": "tool_call_invocation",
+                "tool_call_id": "t1",
+                "name": "lookup",
+                "arguments": f'{{"q": "{marker} args"}}',
+            },
+            {"role": "tool_call_result", "tool_call_id": "t1", "successful": True, "content": f"{marker} result"},
+        ]
         c["recording_url"] = f"https://rec.example.com/{marker}.wav"
         c["call_analysis"]["call_summary"] = f"{marker} summary"
         p.sent.calls[cid] = c
@@ -100,8 +108,9 @@ def test_opted_out_calls_leave_no_sensitive_text_in_any_file(traffic, run_sink_o
         text = orjson.dumps(reader.execute(f"SELECT * FROM {t.name}").fetchall(), default=str).decode()
         assert marker_out not in text, t.name
     assert reader.execute("SELECT count(*) FROM calls WHERE opted_out").fetchall() == [(2,)]
-    assert reader.execute("SELECT count(*) FROM call_tool_calls WHERE call_id IN (?, ?) AND name = 'lookup'",
-                          optouts).fetchall() == [(2,)]
+    assert reader.execute(
+        "SELECT count(*) FROM call_tool_calls WHERE call_id IN (?, ?) AND name = 'lookup'", optouts
+    ).fetchall() == [(2,)]
     assert reader.execute("SELECT count(*) FROM call_utterances WHERE call_id IN (?, ?)", optouts).fetchall() == [(0,)]
 
 
@@ -130,8 +139,9 @@ def test_drift_loads_and_unloadable_records_go_to_dead_letter(traffic, run_sink_
     with duckdb.connect(str(db), read_only=True) as con:
         ids = {r[0] for r in con.execute("SELECT call_id FROM calls").fetchall()}
         assert ids == {good["call"]["call_id"], *after}
-        roles = con.execute("SELECT role FROM call_utterances WHERE call_id = ? ORDER BY turn",
-                            [good["call"]["call_id"]]).fetchall()
+        roles = con.execute(
+            "SELECT role FROM call_utterances WHERE call_id = ? ORDER BY turn", [good["call"]["call_id"]]
+        ).fetchall()
         assert roles[-1] == ("node_transition",)
 
 
@@ -155,19 +165,27 @@ def test_a_call_is_readable_while_the_sink_runs(traffic, start_service, sink_env
     assert sink.stop() == 0, sink.output()[-3000:]
 
 
-def test_a_batch_the_writer_cannot_commit_stops_the_sink_and_stores_nothing(traffic, service_env, sink_env,
-                                                                            warehouse_paths, tmp_path):
+def test_a_batch_the_writer_cannot_commit_stops_the_sink_and_stores_nothing(
+    traffic, service_env, sink_env, warehouse_paths, tmp_path
+):
     # The writer thread commits while the consuming thread decodes ahead: its failure must end the
     # process with the reason, not leave it waiting, and its transaction must leave nothing behind.
     db, _ = warehouse_paths
     with duckdb.connect(str(db)) as con:  # a file whose call_utterances predates the `detail` column
-        con.execute("CREATE TABLE call_utterances (call_id VARCHAR NOT NULL, turn INTEGER NOT NULL, role VARCHAR, "
-                    "content VARCHAR, start_s DOUBLE, end_s DOUBLE, day DATE NOT NULL, _load_seq BIGINT NOT NULL)")
+        con.execute(
+            "CREATE TABLE call_utterances (call_id VARCHAR NOT NULL, turn INTEGER NOT NULL, role VARCHAR, "
+            "content VARCHAR, start_s DOUBLE, end_s DOUBLE, day DATE NOT NULL, _load_seq BIGINT NOT NULL)"
+        )
     p = traffic(seed=15, turns=(3, 5))
     p.send(50, scenario="completed")
     p.flush()
-    proc = subprocess.run([sys.executable, "-m", "callstream", "sink", "--until-caught-up"],
-                          env={**service_env, **sink_env}, cwd=tmp_path, capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "callstream", "sink", "--until-caught-up"],
+        env={**service_env, **sink_env},
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
     out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
     assert proc.returncode != 0, out[-3000:]
     assert f"writing to {db} failed" in out and "call_utterances" in out, out[-3000:]
