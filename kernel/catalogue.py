@@ -17,9 +17,25 @@ class Subject(StrEnum):
     CHAT = "chat"
 
 
+class EventName(StrEnum):
+    """Every event type the platforms send: code names events by these members, never by strings."""
+
+    CALL_STARTED = "call_started"
+    CALL_ENDED = "call_ended"
+    CALL_ANALYZED = "call_analyzed"
+    TRANSCRIPT_UPDATED = "transcript_updated"
+    TRANSFER_STARTED = "transfer_started"
+    TRANSFER_BRIDGED = "transfer_bridged"
+    TRANSFER_CANCELLED = "transfer_cancelled"
+    TRANSFER_ENDED = "transfer_ended"
+    CHAT_STARTED = "chat_started"
+    CHAT_ENDED = "chat_ended"
+    CHAT_ANALYZED = "chat_analyzed"
+
+
 @dataclass(frozen=True, slots=True)
 class EventType:
-    name: str
+    name: EventName
     subject: Subject
     description: str
 
@@ -29,24 +45,33 @@ class EventType:
         return f"{self.subject.value}_id"
 
 
+E = EventName
 EVENTS: tuple[EventType, ...] = (
-    EventType("call_started", Subject.CALL, "a call connected (never sent for a call that did not connect)"),
-    EventType("call_ended", Subject.CALL, "a call completed, transferred or errored; no call_analysis"),
-    EventType("call_analyzed", Subject.CALL, "post-call analysis is complete; the full call object"),
-    EventType("transcript_updated", Subject.CALL, "turn-taking transcript update; repeats as it grows"),
-    EventType("transfer_started", Subject.CALL, "a transfer was initiated"),
-    EventType("transfer_bridged", Subject.CALL, "a transfer was bridged"),
-    EventType("transfer_cancelled", Subject.CALL, "a transfer was cancelled or failed"),
-    EventType("transfer_ended", Subject.CALL, "a transfer leg ended"),
-    EventType("chat_started", Subject.CHAT, "a chat began"),
-    EventType("chat_ended", Subject.CHAT, "a chat completed or errored; no chat_analysis"),
-    EventType("chat_analyzed", Subject.CHAT, "chat analysis is complete"),
+    EventType(E.CALL_STARTED, Subject.CALL, "a call connected (never sent for a call that did not connect)"),
+    EventType(E.CALL_ENDED, Subject.CALL, "a call completed, transferred or errored; no call_analysis"),
+    EventType(E.CALL_ANALYZED, Subject.CALL, "post-call analysis is complete; the full call object"),
+    EventType(E.TRANSCRIPT_UPDATED, Subject.CALL, "turn-taking transcript update; repeats as it grows"),
+    EventType(E.TRANSFER_STARTED, Subject.CALL, "a transfer was initiated"),
+    EventType(E.TRANSFER_BRIDGED, Subject.CALL, "a transfer was bridged"),
+    EventType(E.TRANSFER_CANCELLED, Subject.CALL, "a transfer was cancelled or failed"),
+    EventType(E.TRANSFER_ENDED, Subject.CALL, "a transfer leg ended"),
+    EventType(E.CHAT_STARTED, Subject.CHAT, "a chat began"),
+    EventType(E.CHAT_ENDED, Subject.CHAT, "a chat completed or errored; no chat_analysis"),
+    EventType(E.CHAT_ANALYZED, Subject.CHAT, "chat analysis is complete; the full chat object"),
 )
+del E
 
-EVENTS_BY_NAME: dict[str, EventType] = {e.name: e for e in EVENTS}
-EVENT_NAMES: tuple[str, ...] = tuple(e.name for e in EVENTS)
-CALL_EVENT_NAMES: tuple[str, ...] = tuple(e.name for e in EVENTS if e.subject is Subject.CALL)
-CHAT_EVENT_NAMES: tuple[str, ...] = tuple(e.name for e in EVENTS if e.subject is Subject.CHAT)
+EVENTS_BY_NAME: dict[str, EventType] = {e.name.value: e for e in EVENTS}
+EVENT_NAMES: tuple[str, ...] = tuple(e.name.value for e in EVENTS)
+# The event that carries a subject's complete object, after analysis: what the warehouse loads.
+ANALYZED: dict[Subject, EventName] = {Subject.CALL: EventName.CALL_ANALYZED, Subject.CHAT: EventName.CHAT_ANALYZED}
+
+
+def subject_of(event: str) -> Subject | None:
+    """Whether a known event is about a call or a chat; None for a type the catalogue does not know."""
+    et = EVENTS_BY_NAME.get(event)
+    return et.subject if et is not None else None
+
 
 # Topic suffixes that are not event types.
 UNKNOWN = "unknown"
@@ -77,11 +102,3 @@ def event_topic(prefix: str, event: str) -> str:
 def all_topics(prefix: str) -> list[str]:
     """Every topic callstream uses under a prefix."""
     return [topic(prefix, s) for s in (*EVENT_NAMES, UNKNOWN, DEAD_LETTER, ALERTS)]
-
-
-def key_field_for(event: str) -> str:
-    """The id field that keys an event: `chat_id` for chat events, `call_id` for everything else."""
-    et = EVENTS_BY_NAME.get(event)
-    if et is not None:
-        return et.key_field
-    return "chat_id" if event.startswith("chat_") else "call_id"

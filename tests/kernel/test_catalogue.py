@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from kernel.catalogue import (
     EVENT_NAMES,
+    EVENTS,
+    Subject,
     all_topics,
     event_topic,
-    key_field_for,
+    subject_of,
 )
 
 SEED_EVENTS = {
@@ -32,7 +34,9 @@ def test_topics_follow_the_interface():
     assert set(all_topics("p")) == {f"p.{e}" for e in SEED_EVENTS} | {"p.unknown", "p.dead_letter", "p.alerts"}
 
 
-def test_chat_events_are_keyed_by_chat_id():
-    assert key_field_for("chat_ended") == "chat_id"
-    assert key_field_for("transfer_bridged") == "call_id"
-    assert key_field_for("chat_something_new") == "chat_id"
+def test_chat_events_are_about_chats_and_keyed_by_chat_id():
+    assert subject_of("chat_ended") is Subject.CHAT
+    assert subject_of("transfer_bridged") is Subject.CALL
+    assert subject_of("chat_something_new") is None
+    assert {e.key_field for e in EVENTS if e.subject is Subject.CHAT} == {"chat_id"}
+    assert {e.key_field for e in EVENTS if e.subject is Subject.CALL} == {"call_id"}
