@@ -21,10 +21,14 @@ from kernel.catalogue import all_topics
 from kernel.errors import KafkaSetupError
 
 log = logging.getLogger(__name__)
+# librdkafka logs every failed connection attempt (dozens a second while Kafka is down); the wait
+# below says what it waits for once every few seconds instead.
+_librdkafka = logging.getLogger("kernel.topics.librdkafka")
+_librdkafka.setLevel(logging.CRITICAL)
 
 
 def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap})
+    return AdminClient({"bootstrap.servers": bootstrap, "error_cb": lambda _err: None}, logger=_librdkafka)
 
 
 def create_missing(admin: AdminClient, names: Iterable[str], partitions: int, timeout: float = 15.0) -> list[str]:
