@@ -44,7 +44,7 @@ def test_missing_config_file(tmp_path):
 
 
 def _win(failed: int, finished: int) -> Agg:
-    return Agg(c={"failed": failed, "calls_finished": finished})
+    return Agg(counts={"failed": failed, "calls_finished": finished})
 
 
 def test_failure_rate_threshold_min_count_and_throttle():

@@ -9,13 +9,13 @@ import pytest
 from callstream.fakecalls import CallFactory, Event, Fleet
 from streams.alertrules import load_config
 from streams.metrics import ALL, exact_quantile, merge, summarize
-from streams.processor import Alert, DictStore, In, Processor
+from streams.processor import Alert, DictStore, EventMessage, Processor
 
 T0 = 1_790_000_040_000  # a whole minute
 
 
-def as_in(ev: Event, ts: int, partition: int = 0) -> In:
-    return In(partition, ev.event, ev.key.encode(), ev.body(), ts)
+def as_in(ev: Event, ts: int, partition: int = 0) -> EventMessage:
+    return EventMessage(partition, ev.event, ev.key.encode(), ev.body(), ts)
 
 
 @pytest.fixture
@@ -101,21 +101,21 @@ def test_windows_are_per_minute_and_per_agent(factory):
     proc.process([as_in(e, T0 + 1000) for e in a] + [as_in(e, T0 + 61_000) for e in b])
     book = proc.book(0)
     assert sorted(book.windows) == [T0, T0 + 60_000]
-    assert all(w[ALL].c["calls"] == 1 for w in book.windows.values())
+    assert all(w[ALL].counts["calls"] == 1 for w in book.windows.values())
 
 
-def _scenario(factory: CallFactory, calls: int) -> tuple[list[In], set[str]]:
+def _scenario(factory: CallFactory, calls: int) -> tuple[list[EventMessage], set[str]]:
     rng = random.Random(11)
-    msgs: list[In] = []
+    msgs: list[EventMessage] = []
     ids = set()
     for i in range(calls):
         evs = factory.events(now_ms=T0)
         ids.add(evs[0].key)
         p = hash(evs[0].key) % 3
         for e in evs:
-            msgs.append(In(p, e.event, e.key.encode(), e.body(), T0 + i * 250))
+            msgs.append(EventMessage(p, e.event, e.key.encode(), e.body(), T0 + i * 250))
             if rng.random() < 0.2:
-                msgs.append(In(p, e.event, e.key.encode(), e.body(), T0 + i * 250))
+                msgs.append(EventMessage(p, e.event, e.key.encode(), e.body(), T0 + i * 250))
     return msgs, ids
 
 
@@ -170,7 +170,7 @@ def totals_of(proc: Processor, p: int) -> dict:
     book = proc.book(p)
     t = book.totals.get(ALL)
     out = summarize(t) if t else {}
-    out["chats"] = t.c.get("chats", 0) if t else 0
+    out["chats"] = t.counts.get("chats", 0) if t else 0
     out["windows"] = {w: summarize(v[ALL]) for w, v in sorted(book.windows.items())}
     return out
 
