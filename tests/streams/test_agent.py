@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,14 +20,14 @@ from streams.worker import Worker
 
 
 @pytest.fixture
-def worker(tmp_path) -> Worker:
+def worker(tmp_path: Path) -> Worker:
     w = Worker(WorkerSettings(topic_prefix="unit", data_dir=str(tmp_path), web_port=free_port()))
     w.app.finalize()
     w.app.flow_control.resume()
     return w
 
 
-def test_agent_counts_a_call_once_and_writes_to_its_partition(worker):
+def test_agent_counts_a_call_once_and_writes_to_its_partition(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
     store, processor, agent = worker.store, worker.processor, worker.agent
     written: list[tuple[int, bytes, bytes | None]] = []
 
@@ -34,11 +35,11 @@ def test_agent_counts_a_call_once_and_writes_to_its_partition(worker):
         written.extend(store.pending)
         store.pending = []
 
-    store.flush = record
+    monkeypatch.setattr(store, "flush", record)
     evs = CallFactory(Fleet(seed=4, agents=1), seed=4, turns=(2, 4)).events("completed")
     now = str(int(time.time() * 1000)).encode()
 
-    async def go() -> dict:
+    async def go() -> dict[str, int]:
         async with agent.test_context() as ctx:
             for ev in evs + evs:  # every delivery twice
                 await ctx.put(

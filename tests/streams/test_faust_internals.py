@@ -8,13 +8,13 @@ import asyncio
 import functools
 import warnings
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from faust.types import TP
 from mode import Service
 
-from streams.faust_internals import FastWaitFirst, LeanMonitor
+from streams.faust_internals import Consumer, FastWaitFirst, LeanMonitor, TableManager
 from streams.settings import WorkerSettings
 from streams.worker import Worker
 
@@ -135,8 +135,8 @@ async def test_partitions_without_a_committed_offset_are_read_from_their_beginni
         TP(changelog, 0): None,  # Faust's recovery positions the changelog, not the committed offsets
     }
     fake = FakeKafkaThread(committed)
-    consumer = app.consumer
-    consumer._thread = fake  # type: ignore[attr-defined]
+    consumer = cast(Consumer, app.consumer)
+    consumer._thread = fake  # type: ignore[assignment]
     assert await consumer.seek_to_committed() == committed
     assert sorted(fake.to_beginning) == [("tseek.call_ended", 2), ("tseek.call_started", 1)]
 
@@ -146,7 +146,7 @@ async def test_resuming_the_flow_keeps_queued_messages_but_empties_the_changelog
     app = Worker(WorkerSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="tflow")).app
     app.finalize()
     channel_queue = app.FlowControlQueue(maxsize=10, clear_on_resume=True)  # as Faust's channels ask
-    changelog_queue = app.tables.changelog_queue
+    changelog_queue = cast(TableManager, app.tables).changelog_queue
     channel_queue.put_nowait("fetched after the seek")
     changelog_queue.put_nowait("an old changelog event")
     app.flow_control.suspend()
