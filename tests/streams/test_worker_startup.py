@@ -128,7 +128,8 @@ def test_it_takes_the_partition_count_of_the_topics_as_they_exist(
     """Finding 2: topics made with another count (say, the broker's default) set the state table's count."""
     create_topics(kafka_bootstrap, {t: 2 for t in all_topics(prefix)})
     worker = start_worker()
-    worker.wait_http("/readyz", timeout=90, ok=ready)
+    worker.wait_http("/api/metrics", timeout=90, ok=lambda r: r.status_code == 200 and r.json()["complete"])
+    worker.wait_http("/readyz", timeout=30, ok=ready)
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     assert partition_counts(admin, [changelog_of(prefix)]) == {changelog_of(prefix): 2}
     sent = post_call(gateway_service, api_key)
