@@ -63,7 +63,7 @@ class Worker:
         self._last_rate_alert: dict[str, int] = {}
         self._faust_worker: FaustWorker | None = None
         self.app.gate_start(self._await_topics, self._gate_failed)
-        _connect(self)
+        self._connect()
         register_pages(self.app, Pages(self.view, self.feed, self.sender, self.processor, self.readiness))
 
     # -- running ---------------------------------------------------------------------------------
@@ -87,6 +87,15 @@ class Worker:
         log.error("%s", error)
         if self._faust_worker is not None:
             self._faust_worker.stop_soon()
+
+    def _connect(self) -> None:
+        """The rebalance handlers, the background task and the failure-rate timer."""
+        app: faust.App = self.app
+        app.on_partitions_revoked.connect(self._rebalancing)  # type: ignore[arg-type]
+        app.on_partitions_assigned.connect(self._rebalancing)  # type: ignore[arg-type]
+        app.on_rebalance_complete.connect(self._recovered)  # type: ignore[arg-type]
+        app.task(self._start_alerts)
+        app.timer(self.rules.failure_rate.check_seconds, on_leader=True)(self._check_failure_rate)
 
     # -- the topic gate (runs in a thread, before Faust's producer and consumer start) ------------
 
@@ -242,13 +251,3 @@ def _event_message(message: Any) -> EventMessage:
         at = int(ts * 1000) if ts else int(time.time() * 1000)
     key = message.key if isinstance(message.key, bytes) else str(message.key or "").encode()
     return EventMessage(message.partition, name, key, message.value or b"", at)
-
-
-def _connect(worker: Worker) -> None:
-    """The worker's rebalance handlers, background task and failure-rate timer."""
-    app: faust.App = worker.app
-    app.on_partitions_revoked.connect(worker._rebalancing)  # type: ignore[arg-type]
-    app.on_partitions_assigned.connect(worker._rebalancing)  # type: ignore[arg-type]
-    app.on_rebalance_complete.connect(worker._recovered)  # type: ignore[arg-type]
-    app.task(worker._start_alerts)
-    app.timer(worker.rules.failure_rate.check_seconds, on_leader=True)(worker._check_failure_rate)
