@@ -31,7 +31,7 @@ from kernel.signature import sign
 from kernel.topics import ensure_topics
 from streams.alertrules import load_config
 from streams.metrics import ALL
-from streams.processor import DictStore, In, Processor
+from streams.processor import DictStore, EventMessage, Processor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,14 +65,14 @@ def prefill(bootstrap: str, prefix: str, events: int) -> tuple[int, int]:
                         value=body,
                         headers=[(Header.EVENT, ev.event), (Header.RECEIVED_AT, str(now + n // 100))],
                     )
-                    offline.process([In(0, ev.event, ev.key.encode(), body, now + n // 100)])
+                    offline.process([EventMessage(0, ev.event, ev.key.encode(), body, now + n // 100)])
                     break
                 except BufferError:
                     p.poll(0.1)
             n += 1
         p.poll(0)
     p.flush()
-    counted = sum(v for k, v in offline.book(0).totals[ALL].c.items() if k.startswith("event:"))
+    counted = sum(v for k, v in offline.book(0).totals[ALL].counts.items() if k.startswith("event:"))
     return n, counted
 
 

@@ -152,14 +152,14 @@ def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
 def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> None:
     """The Faust app: live metrics, alerts and the live dashboard (default http://127.0.0.1:6066/).
 
-    JSON at /api/metrics, Prometheus at /metrics. Alert rules: the shipped defaults, overridden by
-    the TOML file CALLSTREAM_ALERTS_CONFIG names; alerts go to <prefix>.alerts and are POSTed to
-    CALLSTREAM_ALERT_WEBHOOK_URL when set. Workers with the same topic prefix share the partitions.
+    JSON at /api/metrics, Prometheus at /metrics, GET /healthz (alive) and /readyz (503 and why until
+    its partitions are assigned and recovered). It creates missing topics and waits for Kafka and
+    them. Alert rules: the shipped defaults, overridden by the TOML file CALLSTREAM_ALERTS_CONFIG
+    names; alerts go to <prefix>.alerts and are POSTed to CALLSTREAM_ALERT_WEBHOOK_URL when set.
+    Workers with the same topic prefix share the partitions.
     """
-    from faust import Worker
-
-    from streams.app import create_app
     from streams.settings import WorkerSettings
+    from streams.worker import Worker
 
     overrides: dict[str, object] = {
         k: v for k, v in {"web_host": web_host, "web_port": web_port}.items() if v is not None
@@ -168,16 +168,11 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
         cfg = WorkerSettings.model_validate(overrides)
     except ValidationError as exc:
         raise _settings_error(exc) from exc
+    click.echo(f"worker: dashboard http://{cfg.web_host}:{cfg.web_port}/ ; kafka {cfg.kafka_bootstrap}", err=True)
     try:
-        app = create_app(cfg)
+        Worker(cfg).run(loglevel=ctx.obj["log_level"].upper())
     except CallstreamError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"worker: dashboard http://{cfg.web_host}:{cfg.web_port}/ ; kafka {cfg.kafka_bootstrap}", err=True)
-    worker = Worker(app, loglevel=ctx.obj["log_level"].upper(), quiet=True)
-    # Faust's terminal spinner, at WARNING and above, sets the root logger to DEBUG so that every
-    # record spins it: every library's debug record would then be built (a per-message cost).
-    worker.spinner = None
-    worker.execute_from_commandline()
 
 
 @main.command()

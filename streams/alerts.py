@@ -154,7 +154,7 @@ class AlertFeed:
             return out
 
     def _run(self) -> None:
-        c = Consumer(
+        consumer = Consumer(
             {
                 "bootstrap.servers": self.bootstrap,
                 "group.id": f"alert-feed-{uuid.uuid4().hex}",
@@ -163,42 +163,51 @@ class AlertFeed:
             }
         )
         try:
-            meta = None
-            while meta is None and not self._stop.is_set():
-                try:
-                    t = c.list_topics(self.topic, timeout=5).topics.get(self.topic)
-                    if t is not None and t.error is None and t.partitions:
-                        meta = t
-                except KafkaException as exc:
-                    log.warning("alert feed: %s not readable yet: %s", self.topic, exc)
-                if meta is None:
-                    time.sleep(1.0)
-            if meta is None:
-                return
-            tps = []
-            for p in meta.partitions:
-                lo, hi = c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
-                tps.append(TopicPartition(self.topic, p, max(lo, hi - self.keep)))
-            c.assign(tps)
-            while not self._stop.is_set():
-                msgs = c.consume(num_messages=500, timeout=0.5)
-                if not msgs:
-                    self.loaded.set()  # the backlog is read
-                for m in msgs:
-                    value = m.value()
-                    if m.error() is not None or value is None:
-                        continue
-                    try:
-                        a = decode_alert(value)
-                    except msgspec.DecodeError:
-                        continue
-                    with self._lock:
-                        self._recent.append(a)
+            partitions = self._wait_for_topic(consumer)
+            if partitions is not None:
+                consumer.assign(self._backlog_start(consumer, partitions))
+                self._tail(consumer)
         except Exception:
             log.exception("alert feed stopped")
         finally:
             with contextlib.suppress(Exception):
-                c.close()
+                consumer.close()
+
+    def _wait_for_topic(self, consumer: Consumer) -> list[int] | None:
+        """The topic's partitions once Kafka shows it; None when stopped first."""
+        while not self._stop.is_set():
+            try:
+                meta = consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
+                if meta is not None and meta.error is None and meta.partitions:
+                    return list(meta.partitions)
+            except KafkaException as exc:
+                log.warning("alert feed: %s not readable yet: %s", self.topic, exc)
+            time.sleep(1.0)
+        return None
+
+    def _backlog_start(self, consumer: Consumer, partitions: list[int]) -> list[TopicPartition]:
+        """Each partition from its last `keep` alerts."""
+        out = []
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+            out.append(TopicPartition(self.topic, p, max(low, high - self.keep)))
+        return out
+
+    def _tail(self, consumer: Consumer) -> None:
+        while not self._stop.is_set():
+            messages = consumer.consume(num_messages=500, timeout=0.5)
+            if not messages:
+                self.loaded.set()  # the backlog is read
+            for message in messages:
+                value = message.value()
+                if message.error() is not None or value is None:
+                    continue
+                try:
+                    alert = decode_alert(value)
+                except msgspec.DecodeError:
+                    continue
+                with self._lock:
+                    self._recent.append(alert)
 
 
 def failure_rate_alerts(
@@ -218,8 +227,8 @@ def failure_rate_alerts(
         for agent, agg in scopes.items():
             if agent == ALL:
                 continue
-            failed[agent] = failed.get(agent, 0) + agg.c.get("failed", 0)
-            finished[agent] = finished.get(agent, 0) + agg.c.get("calls_finished", 0)
+            failed[agent] = failed.get(agent, 0) + agg.counts.get("failed", 0)
+            finished[agent] = finished.get(agent, 0) + agg.counts.get("calls_finished", 0)
     out: list[Alert] = []
     for agent, n in sorted(finished.items()):
         if n < rule.min_calls:

@@ -12,25 +12,22 @@ from __future__ import annotations
 
 import msgspec
 
-from kernel.catalogue import EVENT_NAMES, UNKNOWN
+from kernel.catalogue import UNKNOWN, EventName, Subject, subject_of
 from streams.alertrules import RULE_BIT, AlertConfig
 from streams.metrics import Effects
 
-EVENT_BIT: dict[str, int] = {name: 1 << i for i, name in enumerate(EVENT_NAMES)}
-_COUNTERS = {
-    "call_started": "calls_started",
-    "call_ended": "calls_ended",
-    "call_analyzed": "calls_analyzed",
-    "transfer_started": "transfers_started",
-    "transfer_bridged": "transfers_bridged",
-    "transfer_cancelled": "transfers_cancelled",
-    "transfer_ended": "transfers_ended",
-    "chat_started": "chats_started",
-    "chat_ended": "chats_ended",
-    "chat_analyzed": "chats_analyzed",
-}
-_OUTCOME_EVENTS = frozenset({"call_ended", "call_analyzed"})
+# Bit of each event in CallState.seen. The bits are stored in the table, so they follow the
+# catalogue's order: a new event type must be appended to EventName, never inserted.
+EVENT_BIT: dict[str, int] = {name: 1 << i for i, name in enumerate(EventName)}
+# Either of these carries the call's outcome (reason, duration, cost); whichever comes first counts it.
+_OUTCOME_EVENTS = frozenset({EventName.CALL_ENDED, EventName.CALL_ANALYZED})
 UNKNOWN_AGENT = "unknown"
+
+
+def counter_of(event: EventName) -> str:
+    """The running count a lifecycle event adds to: its first word in the plural (`calls_started`)."""
+    first, _, rest = event.partition("_")
+    return f"{first}s_{rest}"
 
 
 # -- the fields we read (msgspec skips everything else, which keeps decoding cheap) ----------------
@@ -55,7 +52,9 @@ class _Analysis(msgspec.Struct):
     in_voicemail: bool | None = None
 
 
-class Subject(msgspec.Struct):
+class SubjectFields(msgspec.Struct):
+    """The fields read from the event's call (or chat) object."""
+
     call_id: str | None = None
     chat_id: str | None = None
     agent_id: str | None = None
@@ -74,8 +73,8 @@ class Subject(msgspec.Struct):
 
 class Body(msgspec.Struct):
     event: str = ""
-    call: Subject | None = None
-    chat: Subject | None = None
+    call: SubjectFields | None = None
+    chat: SubjectFields | None = None
 
 
 decode_body = msgspec.json.Decoder(Body).decode
@@ -107,103 +106,133 @@ def apply_event(
 
     A repeated delivery returns empty effects and no alert.
     """
-    fx = Effects()
+    effects = Effects()
     raised: list[Raised] = []
-    subject = body.chat if event.startswith("chat_") else body.call
+    kind = _subject_kind(event, body)
+    subject = body.chat if kind is Subject.CHAT else body.call
     if subject is None:
-        subject = body.call or body.chat or Subject()
-    st = CallState() if state is None else state
-    new = state is None
-    if new:
-        st.agent = subject.agent_id or UNKNOWN_AGENT
-        fx.inc("chats" if event.startswith("chat_") else "calls")
-    elif st.agent == UNKNOWN_AGENT and subject.agent_id:
-        st.agent = subject.agent_id
+        subject = body.call or body.chat or SubjectFields()
+    if state is None:
+        state = CallState(agent=subject.agent_id or UNKNOWN_AGENT)
+        effects.inc(f"{kind.value}s")  # distinct calls, distinct chats
+    elif state.agent == UNKNOWN_AGENT and subject.agent_id:
+        state.agent = subject.agent_id
+    if event == EventName.TRANSCRIPT_UPDATED:
+        _transcript(state, subject, effects)
+    elif event in EVENT_BIT:
+        _lifecycle(state, EventName(event), subject, effects, raised, rules)
+    else:  # an event type the catalogue does not know: counted, nothing else
+        effects.inc(f"event:{event or UNKNOWN}")
+    return state, effects, raised
 
-    if event == "transcript_updated":
-        raw = subject.transcript
-        n = 0 if bytes(raw) == b"null" else len(raw)
-        if n > st.transcript_len:  # a repeat of a snapshot we already counted is not news
-            st.transcript_len = n
-            fx.inc("event:transcript_updated")
-        return st, fx, raised
 
-    bit = EVENT_BIT.get(event)
-    if bit is None:  # an event type the catalogue does not know: counted, nothing else
-        fx.inc(f"event:{event or UNKNOWN}")
-        return st, fx, raised
-    if st.seen & bit:
-        return st, fx, raised
-    st.seen |= bit
-    fx.inc(f"event:{event}")
-    fx.inc(_COUNTERS[event])
+def _subject_kind(event: str, body: Body) -> Subject:
+    """What the event is about: from the catalogue, or for an unknown type from the body."""
+    kind = subject_of(event)
+    if kind is not None:
+        return kind
+    return Subject.CHAT if body.call is None and body.chat is not None else Subject.CALL
 
-    if event == "call_started":
-        if not st.outcome:  # reordered: the call ended already
-            fx.inc("active_calls")
+
+def _transcript(state: CallState, subject: SubjectFields, effects: Effects) -> None:
+    raw = subject.transcript
+    length = 0 if bytes(raw) == b"null" else len(raw)
+    if length > state.transcript_len:  # a repeat of a snapshot already counted is not news
+        state.transcript_len = length
+        effects.inc(f"event:{EventName.TRANSCRIPT_UPDATED}")
+
+
+def _lifecycle(
+    state: CallState,
+    event: EventName,
+    subject: SubjectFields,
+    effects: Effects,
+    raised: list[Raised],
+    rules: AlertConfig,
+) -> None:
+    """Count a lifecycle event once per call, and what it tells about the call."""
+    bit = EVENT_BIT[event]
+    if state.seen & bit:
+        return
+    state.seen |= bit
+    effects.inc(f"event:{event}")
+    effects.inc(counter_of(event))
+    if event == EventName.CALL_STARTED:
+        if not state.outcome:  # reordered: the call ended already
+            effects.inc("active_calls")
     elif event in _OUTCOME_EVENTS:
-        if not st.outcome:
-            _outcome(st, subject, fx, raised, rules)
-        if event == "call_analyzed":
-            _analysis(st, subject, fx, raised, rules)
-    elif event == "transfer_cancelled" and rules.transfer_cancelled.enabled:
-        _raise(st, "transfer_cancelled", "transfer cancelled", raised)
-    elif event == "chat_analyzed":
-        a = subject.chat_analysis
-        if a is not None and a.chat_successful is True:
-            fx.inc("chats_successful")
-    return st, fx, raised
+        if not state.outcome:
+            _outcome(state, subject, effects, raised, rules)
+        if event == EventName.CALL_ANALYZED:
+            _analysis(state, subject, effects, raised, rules)
+    elif event == EventName.TRANSFER_CANCELLED and rules.transfer_cancelled.enabled:
+        _raise(state, "transfer_cancelled", "transfer cancelled", raised)
+    elif event == EventName.CHAT_ANALYZED:
+        analysis = subject.chat_analysis
+        if analysis is not None and analysis.chat_successful is True:
+            effects.inc("chats_successful")
 
 
-def _raise(st: CallState, rule: str, reason: str, raised: list[Raised]) -> None:
+def _raise(state: CallState, rule: str, reason: str, raised: list[Raised]) -> None:
     bit = RULE_BIT[rule]
-    if not st.alerts & bit:
-        st.alerts |= bit
+    if not state.alerts & bit:
+        state.alerts |= bit
         raised.append(Raised(rule, reason))
 
 
-def _outcome(st: CallState, s: Subject, fx: Effects, raised: list[Raised], rules: AlertConfig) -> None:
+def _outcome(
+    state: CallState, subject: SubjectFields, effects: Effects, raised: list[Raised], rules: AlertConfig
+) -> None:
     """Count the call's ending once, from whichever of call_ended / call_analyzed came first."""
-    st.outcome = True
-    if st.seen & EVENT_BIT["call_started"]:
-        fx.inc("active_calls", -1)
-    fx.inc("calls_finished")
-    reason = s.disconnection_reason or "unknown"
-    fx.inc(f"reason:{reason}")
+    state.outcome = True
+    if state.seen & EVENT_BIT[EventName.CALL_STARTED]:
+        effects.inc("active_calls", -1)
+    effects.inc("calls_finished")
+    reason = subject.disconnection_reason or "unknown"
+    effects.inc(f"reason:{reason}")
     failed_dial = rules.is_failed_dial(reason)
-    connected = not failed_dial and s.call_status != "not_connected"
-    st.connected = connected
-    fx.inc("connected" if connected else "not_connected")
-    if failed_dial or rules.is_error(reason) or s.call_status == "not_connected":
-        fx.inc("failed")
-    if connected and s.duration_ms is not None:
-        fx.durations.append(float(s.duration_ms))
-    cost = s.call_cost.combined_cost if s.call_cost is not None else None
-    if cost:
-        fx.cost += cost
-    if s.latency is not None and s.latency.e2e is not None and s.latency.e2e.p50 is not None:
-        fx.latencies.append(s.latency.e2e.p50)
-    if failed_dial or s.call_status == "not_connected":
+    not_connected = failed_dial or subject.call_status == "not_connected"
+    state.connected = not not_connected
+    effects.inc("not_connected" if not_connected else "connected")
+    if not_connected or rules.is_error(reason):
+        effects.inc("failed")
+    _measures(subject, effects, connected=state.connected)
+    if not_connected:
         if rules.failed_dial.enabled:
-            _raise(st, "failed_dial", reason, raised)
+            _raise(state, "failed_dial", reason, raised)
     elif rules.is_error(reason) and rules.error.enabled:
-        _raise(st, "error", reason, raised)
+        _raise(state, "error", reason, raised)
 
 
-def _analysis(st: CallState, s: Subject, fx: Effects, raised: list[Raised], rules: AlertConfig) -> None:
-    a = s.call_analysis
-    if a is None:
+def _measures(subject: SubjectFields, effects: Effects, *, connected: bool) -> None:
+    """Duration (of connected calls only), cost and the call's own e2e latency."""
+    if connected and subject.duration_ms is not None:
+        effects.durations.append(float(subject.duration_ms))
+    cost = subject.call_cost.combined_cost if subject.call_cost is not None else None
+    if cost:
+        effects.cost += cost
+    latency = subject.latency
+    if latency is not None and latency.e2e is not None and latency.e2e.p50 is not None:
+        effects.latencies.append(latency.e2e.p50)
+
+
+def _analysis(
+    state: CallState, subject: SubjectFields, effects: Effects, raised: list[Raised], rules: AlertConfig
+) -> None:
+    analysis = subject.call_analysis
+    if analysis is None:
         return
-    if a.in_voicemail:
-        st.voicemail = True
-    if a.call_successful is True:
-        fx.inc("calls_successful")
-    elif a.call_successful is False:
-        fx.inc("calls_unsuccessful")
-        ur = rules.unsuccessful
-        if ur.enabled and st.connected and not (ur.ignore_voicemail and st.voicemail):
-            _raise(st, "unsuccessful", "call_successful is false", raised)
-    if a.user_sentiment:
-        fx.inc(f"sentiment:{a.user_sentiment}")
-        if rules.negative_sentiment.enabled and a.user_sentiment in rules.negative_sentiment.sentiments:
-            _raise(st, "negative_sentiment", f"user sentiment {a.user_sentiment}", raised)
+    if analysis.in_voicemail:
+        state.voicemail = True
+    if analysis.call_successful is True:
+        effects.inc("calls_successful")
+    elif analysis.call_successful is False:
+        effects.inc("calls_unsuccessful")
+        rule = rules.unsuccessful
+        if rule.enabled and state.connected and not (rule.ignore_voicemail and state.voicemail):
+            _raise(state, "unsuccessful", "call_successful is false", raised)
+    sentiment = analysis.user_sentiment
+    if sentiment:
+        effects.inc(f"sentiment:{sentiment}")
+        if rules.negative_sentiment.enabled and sentiment in rules.negative_sentiment.sentiments:
+            _raise(state, "negative_sentiment", f"user sentiment {sentiment}", raised)

@@ -11,3 +11,15 @@ class StreamsError(CallstreamError):
 
 class AlertConfigError(StreamsError):
     """The alert rules file is missing, not TOML, or has an unknown key or a wrong type."""
+
+
+class PartitionMismatch(StreamsError):
+    """The event topics (or the state table's changelog) do not all have the same partition count."""
+
+
+class StateUnreadable(StreamsError):
+    """The state table's changelog holds a record the worker cannot decode."""
+
+
+class WorkerStopped(StreamsError):
+    """The worker stopped after an error it did not expect (the log above says which)."""

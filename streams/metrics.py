@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 ALL = "*"  # the scope of every agent together
 WINDOW_MS = 60_000
 RETENTION_MS = 24 * 3600 * 1000
+K = TypeVar("K", str, int)
 
 # Histogram buckets grow by 2 %: a percentile read back from them is within 2 % of the exact value.
 _GROWTH = 1.02
@@ -34,7 +35,7 @@ def bucket_value(bucket: int) -> float:
     """The value a bucket stands for: the geometric middle of its bounds."""
     if bucket < 0:
         return 0.0
-    return _GROWTH ** (bucket + 0.5)
+    return float(_GROWTH ** (bucket + 0.5))
 
 
 def window_start(ts_ms: int) -> int:
@@ -42,21 +43,27 @@ def window_start(ts_ms: int) -> int:
 
 
 class Agg(msgspec.Struct, omit_defaults=True):
-    """Counters (`calls_started`, `reason:<r>`, `event:<name>` ...), cost and two histograms."""
+    """Counters (`calls_started`, `reason:<r>`, `event:<name>` ...), cost and two histograms.
 
-    c: dict[str, int] = msgspec.field(default_factory=dict)
+    The serialised field names stay short (`c`, `dur`, `lat`): they are what the changelog holds.
+    """
+
+    counts: dict[str, int] = msgspec.field(default_factory=dict, name="c")
     cost: float = 0.0
-    dur: dict[int, int] = msgspec.field(default_factory=dict)  # call duration, ms
-    lat: dict[int, int] = msgspec.field(default_factory=dict)  # the call's own e2e latency p50, ms
+    # Histograms, bucket (see bucket_of) -> calls: call duration in ms, and the call's own e2e latency p50 in ms.
+    duration_buckets: dict[int, int] = msgspec.field(default_factory=dict, name="dur")
+    latency_buckets: dict[int, int] = msgspec.field(default_factory=dict, name="lat")
 
     def add(self, other: Agg) -> None:
-        c = self.c
-        for k, v in other.c.items():
-            c[k] = c.get(k, 0) + v
+        _add_counts(self.counts, other.counts)
         self.cost += other.cost
-        for h_self, h_other in ((self.dur, other.dur), (self.lat, other.lat)):
-            for b, n in h_other.items():
-                h_self[b] = h_self.get(b, 0) + n
+        _add_counts(self.duration_buckets, other.duration_buckets)
+        _add_counts(self.latency_buckets, other.latency_buckets)
+
+
+def _add_counts(target: dict[K, int], more: Mapping[K, int]) -> None:
+    for key, n in more.items():
+        target[key] = target.get(key, 0) + n
 
 
 class Effects(msgspec.Struct):
@@ -74,16 +81,14 @@ class Effects(msgspec.Struct):
         return not (self.counts or self.cost or self.durations or self.latencies)
 
     def apply_to(self, agg: Agg) -> None:
-        c = agg.c
-        for k, v in self.counts.items():
-            c[k] = c.get(k, 0) + v
+        _add_counts(agg.counts, self.counts)
         agg.cost += self.cost
-        for d in self.durations:
-            b = bucket_of(d)
-            agg.dur[b] = agg.dur.get(b, 0) + 1
-        for lv in self.latencies:
-            b = bucket_of(lv)
-            agg.lat[b] = agg.lat.get(b, 0) + 1
+        for duration in self.durations:
+            bucket = bucket_of(duration)
+            agg.duration_buckets[bucket] = agg.duration_buckets.get(bucket, 0) + 1
+        for latency in self.latencies:
+            bucket = bucket_of(latency)
+            agg.latency_buckets[bucket] = agg.latency_buckets.get(bucket, 0) + 1
 
 
 def quantile(hist: Mapping[int, int], q: float) -> float | None:
@@ -119,15 +124,15 @@ def _ratio(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
 
-def _prefixed(c: Mapping[str, int], prefix: str) -> dict[str, int]:
+def _prefixed(counts: Mapping[str, int], prefix: str) -> dict[str, int]:
     n = len(prefix)
-    return {k[n:]: v for k, v in sorted(c.items()) if k.startswith(prefix) and v}
+    return {k[n:]: v for k, v in sorted(counts.items()) if k.startswith(prefix) and v}
 
 
 def summarize(agg: Agg) -> dict[str, Any]:
     """The numbers the dashboard, the JSON API and Prometheus show for one scope."""
-    c = agg.c
-    g = c.get
+    counts = agg.counts
+    g = counts.get
     finished = g("calls_finished", 0)
     analyzed_ok, analyzed_bad = g("calls_successful", 0), g("calls_unsuccessful", 0)
     return {
@@ -141,21 +146,21 @@ def summarize(agg: Agg) -> dict[str, Any]:
         "not_connected": g("not_connected", 0),
         "failed": g("failed", 0),
         "failure_rate": _ratio(g("failed", 0), finished),
-        "disconnection_reasons": _prefixed(c, "reason:"),
+        "disconnection_reasons": _prefixed(counts, "reason:"),
         "calls_successful": analyzed_ok,
         "calls_unsuccessful": analyzed_bad,
         "success_rate": _ratio(analyzed_ok, analyzed_ok + analyzed_bad),
-        "sentiment": _prefixed(c, "sentiment:"),
+        "sentiment": _prefixed(counts, "sentiment:"),
         "transfers_started": g("transfers_started", 0),
         "transfers_bridged": g("transfers_bridged", 0),
         "transfers_cancelled": g("transfers_cancelled", 0),
         "cost_total": round(agg.cost, 4),
-        "duration_p50_ms": quantile(agg.dur, 0.5),
-        "duration_p95_ms": quantile(agg.dur, 0.95),
-        "e2e_latency_p50_ms": quantile(agg.lat, 0.5),
+        "duration_p50_ms": quantile(agg.duration_buckets, 0.5),
+        "duration_p95_ms": quantile(agg.duration_buckets, 0.95),
+        "e2e_latency_p50_ms": quantile(agg.latency_buckets, 0.5),
         "chats_started": g("chats_started", 0),
         "chats_ended": g("chats_ended", 0),
         "chats_analyzed": g("chats_analyzed", 0),
         "chats_successful": g("chats_successful", 0),
-        "events": _prefixed(c, "event:"),
+        "events": _prefixed(counts, "event:"),
     }

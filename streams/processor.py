@@ -22,15 +22,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import msgspec
 
 from streams.alertrules import AlertConfig
 from streams.calls import CallState, Raised, apply_event, decode_body
+from streams.errors import StateUnreadable
 from streams.metrics import ALL, RETENTION_MS, Agg, Effects, window_start
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _enc = msgspec.msgpack.Encoder()
 _dec_state = msgspec.msgpack.Decoder(CallState)
@@ -62,6 +64,9 @@ class Store(Protocol):
 
     def put(self, partition: int, key: bytes, value: bytes | None) -> None: ...
 
+    def restore(self, partition: int, key: bytes, value: bytes) -> None:
+        """Set a key locally without writing it to the changelog (the next commit writes it)."""
+
     def keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]: ...
 
 
@@ -82,12 +87,15 @@ class DictStore:
             self.data[key] = value
         self.changelog.append((partition, key, value))
 
+    def restore(self, partition: int, key: bytes, value: bytes) -> None:
+        self.data[key] = value
+
     def keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]:
         return (k for k in list(self.data) if k.startswith(prefix))
 
 
-class In(msgspec.Struct, array_like=True):
-    """One consumed message, as much as the processor needs of it."""
+class EventMessage(msgspec.Struct, array_like=True):
+    """One consumed event message, as much as the processor needs of it."""
 
     partition: int
     event: str
@@ -109,30 +117,57 @@ class Alert(msgspec.Struct):
     value: float | None = None
 
 
-def commit_key(p: int) -> bytes:
-    return b"p:%d" % p
+_ALERT_WHAT = {
+    "failed_dial": "call did not connect",
+    "error": "call ended on an error",
+    "unsuccessful": "call was not successful",
+    "negative_sentiment": "caller sentiment was negative",
+    "transfer_cancelled": "transfer was cancelled",
+}
 
 
-def window_key(p: int, start: int) -> bytes:
-    return b"w:%d:%d" % (p, start)
+def commit_key(partition: int) -> bytes:
+    return b"p:%d" % partition
+
+
+def window_key(partition: int, start: int) -> bytes:
+    return b"w:%d:%d" % (partition, start)
 
 
 def call_key(call_id: bytes) -> bytes:
     return b"c:" + call_id
 
 
-def _apply(book: Book, agent: str, ts: int, fx: Effects, touched: set[int]) -> None:
-    start = window_start(ts)
-    win = book.windows.get(start)
-    if win is None:
-        win = book.windows[start] = {}
-    touched.add(start)
+class Restored(NamedTuple):
+    """What a commit record restored: written again with the partition's next commit, in case the
+    crash lost them before they reached the changelog."""
+
+    windows: set[int]
+    calls: dict[bytes, bytes]
+
+
+@dataclass
+class _Batch:
+    """What one batch did to one partition, until its commit is written."""
+
+    windows: set[int] = field(default_factory=set)  # window starts touched
+    states: dict[bytes, CallState] = field(default_factory=dict)
+    changed: set[bytes] = field(default_factory=set)  # call keys whose state changed
+    newest: int = 0  # the latest `received_at`
+
+
+def _apply(book: Book, agent: str, received_at: int, effects: Effects, batch: _Batch) -> None:
+    start = window_start(received_at)
+    window = book.windows.get(start)
+    if window is None:
+        window = book.windows[start] = {}
+    batch.windows.add(start)
     for scope in (agent, ALL):
-        for target in (book.totals, win):
+        for target in (book.totals, window):
             agg = target.get(scope)
             if agg is None:
                 agg = target[scope] = Agg()
-            fx.apply_to(agg)
+            effects.apply_to(agg)
 
 
 class Processor:
@@ -143,121 +178,136 @@ class Processor:
         self.rules = rules
         self.on_alert = on_alert
         self.books: dict[int, Book] = {}
-        # Windows and calls restored from a commit record that must be written again with the next
-        # commit, in case the crash lost them before they reached the changelog.
-        self._carry: dict[int, tuple[set[int], dict[bytes, bytes]]] = {}
+        self._restored: dict[int, Restored] = {}
         self.invalid = 0
 
     def reset(self) -> None:
         """Forget the loaded books: partitions moved (rebalance) and the table was recovered again."""
         self.books.clear()
-        self._carry.clear()
+        self._restored.clear()
 
-    def book(self, p: int) -> Book:
-        book = self.books.get(p)
+    def recover(self, partitions: Iterable[int]) -> None:
+        """Reload the books of `partitions` from the recovered table now, so that a changelog the
+        worker cannot read stops it at once (StateUnreadable), not at the first event."""
+        self.reset()
+        for partition in partitions:
+            self.book(partition)
+
+    def book(self, partition: int) -> Book:
+        book = self.books.get(partition)
         if book is None:
-            book = self.books[p] = self._load(p)
+            book = self.books[partition] = self._load(partition)
         return book
 
-    def _load(self, p: int) -> Book:
+    def _load(self, partition: int) -> Book:
         book = Book()
-        prefix = b"w:%d:" % p
-        for k in self.store.keys_with_prefix(prefix):
-            raw = self.store.get(k)
+        prefix = b"w:%d:" % partition
+        for key in self.store.keys_with_prefix(prefix):
+            raw = self.store.get(key)
             if raw is not None:
-                book.windows[int(k[len(prefix) :])] = _dec_window.decode(raw)
-        raw = self.store.get(commit_key(p))
+                book.windows[int(key[len(prefix) :])] = _decode(_dec_window, partition, key, raw)
+        raw = self.store.get(commit_key(partition))
         if raw is not None:
-            commit = _dec_commit.decode(raw)
+            commit = _decode(_dec_commit, partition, commit_key(partition), raw)
             book.seq, book.totals = commit.seq, commit.totals
             book.windows.update(commit.windows)
-            data = getattr(self.store, "data", None)
-            for k, v in commit.calls.items():
-                if data is not None:
-                    data[k] = v  # local only; the next commit writes it to the changelog again
-            self._carry[p] = (set(commit.windows), dict(commit.calls))
+            for key, value in commit.calls.items():
+                self.store.restore(partition, key, value)
+            self._restored[partition] = Restored(set(commit.windows), dict(commit.calls))
         return book
 
-    def process(self, batch: Iterable[In]) -> list[Alert]:
-        by_partition: dict[int, list[In]] = {}
-        for m in batch:
-            by_partition.setdefault(m.partition, []).append(m)
+    def process(self, batch: Iterable[EventMessage]) -> list[Alert]:
+        by_partition: dict[int, list[EventMessage]] = {}
+        for message in batch:
+            by_partition.setdefault(message.partition, []).append(message)
         alerts: list[Alert] = []
-        for p, msgs in by_partition.items():
-            alerts.extend(self._process_partition(p, msgs))
-        for a in alerts:
-            self.on_alert(a)
+        for partition, messages in by_partition.items():
+            alerts.extend(self._process_partition(partition, messages))
+        for alert in alerts:
+            self.on_alert(alert)
         return alerts
 
-    def _process_partition(self, p: int, msgs: list[In]) -> list[Alert]:
-        store, rules = self.store, self.rules
-        book = self.book(p)
-        touched: set[int] = set()
-        states: dict[bytes, CallState] = {}
-        dirty: set[bytes] = set()
+    def _process_partition(self, partition: int, messages: list[EventMessage]) -> list[Alert]:
+        book = self.book(partition)
+        batch = _Batch()
         alerts: list[Alert] = []
-        newest = 0
-        for m in msgs:
-            try:
-                body = decode_body(m.value)
-            except msgspec.DecodeError:
-                self.invalid += 1
-                log.warning("skipped an undecodable %s message on partition %d (key %r)", m.event, p, m.key[:64])
-                continue
-            k = call_key(m.key)
-            st = states.get(k)
-            if st is None:
-                raw = store.get(k)
-                st = _dec_state.decode(raw) if raw is not None else None
-            st, fx, raised = apply_event(st, m.event, body, rules)
-            states[k] = st
-            if fx.empty() and not raised:
-                continue
-            dirty.add(k)
-            _apply(book, st.agent, m.received_at, fx, touched)
-            newest = max(newest, m.received_at)
-            for r in raised:
-                alerts.append(self._alert(r, m, st))
-        carry = self._carry.pop(p, None)
-        if not dirty and carry is None:
-            return alerts
-        calls = {k: _enc.encode(states[k]) for k in dirty}
-        if carry is not None:
-            touched |= {w for w in carry[0] if w in book.windows}
-            for k, v in carry[1].items():
-                calls.setdefault(k, v)
-        dropped = [w for w in book.windows if newest and w < newest - RETENTION_MS]
-        for w in dropped:
-            del book.windows[w]
-            touched.discard(w)
+        for message in messages:
+            self._apply_message(book, message, batch, alerts)
+        self._commit(partition, book, batch)
+        return alerts
+
+    def _apply_message(self, book: Book, message: EventMessage, batch: _Batch, alerts: list[Alert]) -> None:
+        try:
+            body = decode_body(message.value)
+        except msgspec.DecodeError:
+            self.invalid += 1
+            log.warning(
+                "skipped an undecodable %s message on partition %d (key %r)",
+                message.event,
+                message.partition,
+                message.key[:64],
+            )
+            return
+        key = call_key(message.key)
+        state = batch.states.get(key)
+        if state is None:
+            raw = self.store.get(key)
+            state = _dec_state.decode(raw) if raw is not None else None
+        state, effects, raised = apply_event(state, message.event, body, self.rules)
+        batch.states[key] = state
+        if effects.empty() and not raised:
+            return
+        batch.changed.add(key)
+        _apply(book, state.agent, message.received_at, effects, batch)
+        batch.newest = max(batch.newest, message.received_at)
+        for r in raised:
+            alerts.append(_alert(r, message, state))
+
+    def _commit(self, partition: int, book: Book, batch: _Batch) -> None:
+        """Write the commit record, then the windows and calls it names (see the module's docstring)."""
+        restored = self._restored.pop(partition, None)
+        if not batch.changed and restored is None:
+            return
+        calls = {key: _enc.encode(batch.states[key]) for key in batch.changed}
+        if restored is not None:
+            batch.windows |= {w for w in restored.windows if w in book.windows}
+            for key, value in restored.calls.items():
+                calls.setdefault(key, value)
+        dropped = [w for w in book.windows if batch.newest and w < batch.newest - RETENTION_MS]
+        for start in dropped:
+            del book.windows[start]
+            batch.windows.discard(start)
         book.seq += 1
-        windows = {w: book.windows[w] for w in touched}
-        store.put(p, commit_key(p), _enc.encode(Commit(book.seq, book.totals, windows, calls)))
-        for w, win in windows.items():
-            store.put(p, window_key(p, w), _enc.encode(win))
-        for k, v in calls.items():
-            store.put(p, k, v)
-        for w in dropped:
-            store.put(p, window_key(p, w), None)
-        return alerts
+        windows = {w: book.windows[w] for w in batch.windows}
+        store = self.store
+        store.put(partition, commit_key(partition), _enc.encode(Commit(book.seq, book.totals, windows, calls)))
+        for start, window in windows.items():
+            store.put(partition, window_key(partition, start), _enc.encode(window))
+        for key, value in calls.items():
+            store.put(partition, key, value)
+        for start in dropped:
+            store.put(partition, window_key(partition, start), None)
 
-    @staticmethod
-    def _alert(r: Raised, m: In, st: CallState) -> Alert:
-        call_id = m.key.decode(errors="replace")
-        what = {
-            "failed_dial": "call did not connect",
-            "error": "call ended on an error",
-            "unsuccessful": "call was not successful",
-            "negative_sentiment": "caller sentiment was negative",
-            "transfer_cancelled": "transfer was cancelled",
-        }.get(r.rule, r.rule)
-        text = f":rotating_light: [{r.rule}] {what} ({r.reason}) - agent {st.agent}, call {call_id}"
-        return Alert(
-            id=f"{r.rule}:{call_id}",
-            rule=r.rule,
-            agent_id=st.agent,
-            text=text,
-            at=m.received_at,
-            call_id=call_id,
-            reason=r.reason,
-        )
+
+def _decode(decoder: msgspec.msgpack.Decoder[T], partition: int, key: bytes, raw: bytes) -> T:
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise StateUnreadable(
+            f"partition {partition} of the state table holds a record it cannot read ({key!r}: {exc})"
+        ) from exc
+
+
+def _alert(raised: Raised, message: EventMessage, state: CallState) -> Alert:
+    call_id = message.key.decode(errors="replace")
+    what = _ALERT_WHAT.get(raised.rule, raised.rule)
+    text = f":rotating_light: [{raised.rule}] {what} ({raised.reason}) - agent {state.agent}, call {call_id}"
+    return Alert(
+        id=f"{raised.rule}:{call_id}",
+        rule=raised.rule,
+        agent_id=state.agent,
+        text=text,
+        at=message.received_at,
+        call_id=call_id,
+        reason=raised.reason,
+    )

@@ -24,6 +24,23 @@ const charts = {
 
 function scopeOf(w, scope) { return scope === "*" ? w.overall : (w.agents[scope] || null); }
 
+const SENTIMENT_COLOURS = { Positive: "#2ca02c", Neutral: "#9e9e9e", Negative: "#d62728", Unknown: "#c7c7c7" };
+const OTHER_COLOURS = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b"];
+
+// The sentiment counts as a stacked bar over a one-line legend, the height of a number tile.
+function sentimentTile(counts) {
+  const entries = Object.entries(counts).sort((a, b) => b[1] - a[1]);
+  const total = entries.reduce((n, [, v]) => n + v, 0);
+  const colour = (k, i) => SENTIMENT_COLOURS[k] || OTHER_COLOURS[i % OTHER_COLOURS.length];
+  const bar = entries.map(([k, v], i) =>
+    `<span style="flex:${v};background:${colour(k, i)}" title="${esc(k)} ${v}"></span>`).join("");
+  const legend = entries.map(([k, v], i) =>
+    `<span class="item"><i style="background:${colour(k, i)}"></i>${esc(k)} ${v}</span>`).join("");
+  return `<div class="tile wide" data-metric="sentiment"><div class="v">` +
+    (total ? `<div class="bar">${bar}</div><div class="legend">${legend}</div>` : "-") +
+    `</div><div class="k">sentiment</div></div>`;
+}
+
 function tiles(s) {
   const items = [
     ["calls", s.calls], ["active now", s.active_calls], ["started", s.calls_started], ["ended", s.calls_ended],
@@ -33,10 +50,10 @@ function tiles(s) {
     ["e2e latency p50 ms", s.e2e_latency_p50_ms ?? "-"], ["total cost", s.cost_total.toFixed(2)],
     ["transfers started", s.transfers_started], ["bridged", s.transfers_bridged], ["cancelled", s.transfers_cancelled],
     ["chats started", s.chats_started], ["chats ended", s.chats_ended], ["chats successful", s.chats_successful],
-    ["sentiment", Object.entries(s.sentiment).map(([k, v]) => k + " " + v).join(", ") || "-"],
   ];
   $("tiles").innerHTML = items.map(([k, v]) =>
-    `<div class="tile" data-metric="${esc(k)}"><div class="v">${esc(v)}</div><div class="k">${esc(k)}</div></div>`).join("");
+    `<div class="tile" data-metric="${esc(k)}"><div class="v">${esc(v)}</div><div class="k">${esc(k)}</div></div>`).join("") +
+    sentimentTile(s.sentiment);
 }
 
 // One point per minute of the last hour, so that quiet minutes show as zero, not as a gap.

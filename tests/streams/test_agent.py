@@ -8,38 +8,38 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.localkafka import free_port
-from streams.app import create_app
 from streams.metrics import ALL
 from streams.settings import WorkerSettings
+from streams.worker import Worker
 
 
 @pytest.fixture
-def app(tmp_path):
-    a = create_app(WorkerSettings(topic_prefix="unit", data_dir=str(tmp_path), web_port=free_port()))
-    a.finalize()
-    a.flow_control.resume()
-    return a
+def worker(tmp_path: Path) -> Worker:
+    w = Worker(WorkerSettings(topic_prefix="unit", data_dir=str(tmp_path), web_port=free_port()))
+    w.app.finalize()
+    w.app.flow_control.resume()
+    return w
 
 
-def test_agent_counts_a_call_once_and_writes_to_its_partition(app):
-    parts = app.callstream  # type: ignore[attr-defined]
-    store, processor, agent = parts["store"], parts["processor"], parts["agent"]
+def test_agent_counts_a_call_once_and_writes_to_its_partition(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, processor, agent = worker.store, worker.processor, worker.agent
     written: list[tuple[int, bytes, bytes | None]] = []
 
     async def record() -> None:
         written.extend(store.pending)
         store.pending = []
 
-    store.flush = record
+    monkeypatch.setattr(store, "flush", record)
     evs = CallFactory(Fleet(seed=4, agents=1), seed=4, turns=(2, 4)).events("completed")
     now = str(int(time.time() * 1000)).encode()
 
-    async def go() -> dict:
+    async def go() -> dict[str, int]:
         async with agent.test_context() as ctx:
             for ev in evs + evs:  # every delivery twice
                 await ctx.put(
@@ -52,10 +52,10 @@ def test_agent_counts_a_call_once_and_writes_to_its_partition(app):
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 book = processor.books.get(2)
-                if book and book.totals.get(ALL) and book.totals[ALL].c.get("calls_analyzed"):
+                if book and book.totals.get(ALL) and book.totals[ALL].counts.get("calls_analyzed"):
                     break
                 await asyncio.sleep(0.02)
-            return processor.book(2).totals[ALL].c
+            return processor.book(2).totals[ALL].counts
 
     c = asyncio.run(go())
     assert (c["calls"], c["calls_started"], c["calls_ended"], c["calls_analyzed"]) == (1, 1, 1, 1)

@@ -6,6 +6,8 @@ import asyncio
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ from streams.processor import Alert
 NOW = 1_790_000_040_000 + 30_000
 
 
-def test_defaults_and_override(tmp_path):
+def test_defaults_and_override(tmp_path: Path) -> None:
     cfg = load_config()
     assert cfg.is_failed_dial("dial_no_answer") and cfg.is_failed_dial("sip_routing_error")
     assert cfg.is_failed_dial("telephony_provider_unavailable") and not cfg.is_failed_dial("user_hangup")
@@ -31,23 +33,23 @@ def test_defaults_and_override(tmp_path):
 
 
 @pytest.mark.parametrize("text, says", [("[error]\nenabld = true\n", "enabld"), ("[[x", "not valid TOML")])
-def test_bad_config_names_the_problem(tmp_path, text, says):
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, says: str) -> None:
     f = tmp_path / "alerts.toml"
     f.write_text(text)
     with pytest.raises(AlertConfigError, match=says):
         load_config(f)
 
 
-def test_missing_config_file(tmp_path):
+def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(AlertConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
 
 
 def _win(failed: int, finished: int) -> Agg:
-    return Agg(c={"failed": failed, "calls_finished": finished})
+    return Agg(counts={"failed": failed, "calls_finished": finished})
 
 
-def test_failure_rate_threshold_min_count_and_throttle():
+def test_failure_rate_threshold_min_count_and_throttle() -> None:
     rule = load_config().failure_rate  # 5 min window, > 50 %, at least 5 calls, 15 min throttle
     minute = NOW - NOW % 60_000
     windows = {
@@ -64,7 +66,7 @@ def test_failure_rate_threshold_min_count_and_throttle():
 
 class _Hook(BaseHTTPRequestHandler):
     fail_first = 0
-    received: list[dict] = []
+    received: list[dict[str, Any]] = []
     calls = 0
 
     def do_POST(self) -> None:
@@ -86,7 +88,7 @@ def _alert(i: int) -> Alert:
     return Alert(id=f"error:call_{i}", rule="error", agent_id="a", text=f"alert {i}", at=NOW, call_id=f"call_{i}")
 
 
-def test_webhook_retries_with_backoff_then_delivers_each_once():
+def test_webhook_retries_with_backoff_then_delivers_each_once() -> None:
     _Hook.fail_first, _Hook.received, _Hook.calls = 2, [], 0
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -109,7 +111,7 @@ def test_webhook_retries_with_backoff_then_delivers_each_once():
     assert _Hook.calls == 4 and sender.failed == 0
 
 
-def test_submit_never_blocks_when_the_endpoint_is_down():
+def test_submit_never_blocks_when_the_endpoint_is_down() -> None:
     sender = WebhookSender("http://127.0.0.1:9/unreachable", queue_size=3)
     for i in range(10):
         sender.submit(_alert(i))  # no event loop running the senders: must still return at once

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 
 from callstream.localkafka import free_port
+from callstream.procs import Process
 from callstream.simulate import run as simulate
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.browser]
 
@@ -27,16 +34,37 @@ ARGS = [
 ]
 
 
-def tile(page, name: str) -> str:
+# Where the sentiment tile's parts are, against its own box and a number tile's.
+FIT = """() => {
+  const tile = document.querySelector('.tile[data-metric="sentiment"]');
+  const box = tile.getBoundingClientRect();
+  const outside = [...tile.querySelectorAll("*")].filter((e) => {
+    const r = e.getBoundingClientRect();
+    return r.left < box.left || r.right > box.right || r.top < box.top || r.bottom > box.bottom;
+  });
+  return {
+    outside: outside.map((e) => e.outerHTML.slice(0, 80)),
+    overflows: tile.scrollWidth > tile.clientWidth || tile.scrollHeight > tile.clientHeight,
+    height: box.height,
+    number_tile_height: document.querySelector('.tile[data-metric="calls"]').getBoundingClientRect().height,
+    legend: [...tile.querySelectorAll(".legend .item")].map((e) => e.innerText),
+  };
+}"""
+
+
+def tile(page: Page, name: str) -> str:
     return page.locator(f'.tile[data-metric="{name}"] .v').inner_text()
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make test installs it)")
-def test_dashboard_updates_live(topics, api_key, gateway_service, start_service, tmp_path):
+def test_dashboard_updates_live(
+    topics: str, api_key: str, gateway_service: Process, start_service: Callable[..., Process], tmp_path: Path
+) -> None:
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    worker = start_service("worker", "worker", "--web-port", str(port), url=f"http://127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    worker = start_service("worker", "worker", "--web-port", str(port), url=url)
     worker.wait_http("/api/metrics", timeout=90, ok=lambda r: r.status_code == 200 and r.json()["complete"])
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
@@ -51,7 +79,7 @@ def test_dashboard_updates_live(topics, api_key, gateway_service, start_service,
             page = browser.new_page()
             requests: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
-            page.goto(worker.url + "/")
+            page.goto(url + "/")
             page.wait_for_selector('.tile[data-metric="calls"]')
             assert tile(page, "calls") == "0"
             # Playwright's sync API runs an event loop in this thread; the sender gets its own.
@@ -69,10 +97,18 @@ def test_dashboard_updates_live(topics, api_key, gateway_service, start_service,
                     timeout=60_000,
                 )
             assert tile(page, "calls") == want and tile(page, "ended") == want
+            page.wait_for_function(
+                "n => document.querySelector('.tile[data-metric=\"analyzed\"] .v').innerText === n", arg=want
+            )
+            fit = page.evaluate(FIT)  # drawn with the same poll as the analyzed count: the final sentiments
+            assert fit["outside"] == [] and not fit["overflows"]
+            assert fit["height"] == fit["number_tile_height"]  # the tile keeps its row's height
+            sentiment = httpx.get(f"{url}/api/metrics", timeout=10).json()["overall"]["sentiment"]
+            assert sorted(fit["legend"]) == sorted(f"{k} {v}" for k, v in sentiment.items())
             page.wait_for_selector("#alerts tbody tr", timeout=30_000)  # failed dials and errors raise alerts
             assert page.locator("#agents tbody tr").count() == 2
             assert page.locator("canvas").count() >= 4  # the four uPlot charts drew
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-            assert all(u.startswith(worker.url) for u in requests), "the page must load nothing from elsewhere"
+            assert all(u.startswith(url) for u in requests), "the page must load nothing from elsewhere"
         finally:
             browser.close()

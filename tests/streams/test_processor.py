@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
 from callstream.fakecalls import CallFactory, Event, Fleet
 from streams.alertrules import load_config
+from streams.errors import StateUnreadable
 from streams.metrics import ALL, exact_quantile, merge, summarize
-from streams.processor import Alert, DictStore, In, Processor
+from streams.processor import Alert, DictStore, EventMessage, Processor
 
 T0 = 1_790_000_040_000  # a whole minute
 
 
-def as_in(ev: Event, ts: int, partition: int = 0) -> In:
-    return In(partition, ev.event, ev.key.encode(), ev.body(), ts)
+def as_in(ev: Event, ts: int, partition: int = 0) -> EventMessage:
+    return EventMessage(partition, ev.event, ev.key.encode(), ev.body(), ts)
 
 
 @pytest.fixture
@@ -23,11 +25,11 @@ def factory() -> CallFactory:
     return CallFactory(Fleet(seed=5, agents=2), seed=5, turns=(4, 6))
 
 
-def totals(proc: Processor, scope: str = ALL) -> dict:
+def totals(proc: Processor, scope: str = ALL) -> dict[str, Any]:
     return summarize(merge(proc.book(p).totals[scope] for p in proc.books if scope in proc.book(p).totals))
 
 
-def test_duplicates_and_repeated_transcripts_count_once(factory):
+def test_duplicates_and_repeated_transcripts_count_once(factory: CallFactory) -> None:
     evs = factory.events("completed", now_ms=T0)
     proc = Processor(DictStore(), load_config())
     proc.process([as_in(e, T0) for e in evs])
@@ -40,7 +42,7 @@ def test_duplicates_and_repeated_transcripts_count_once(factory):
     assert once["active_calls"] == 0 and once["connected"] == 1
 
 
-def test_failed_dial_has_no_call_started_and_raises_once(factory):
+def test_failed_dial_has_no_call_started_and_raises_once(factory: CallFactory) -> None:
     evs = factory.events("failed_dial", now_ms=T0)
     assert "call_started" not in {e.event for e in evs}
     got: list[Alert] = []
@@ -53,7 +55,7 @@ def test_failed_dial_has_no_call_started_and_raises_once(factory):
     assert t["duration_p50_ms"] is None  # a call that never connected has no duration
 
 
-def test_late_and_reordered_analysis(factory):
+def test_late_and_reordered_analysis(factory: CallFactory) -> None:
     evs = factory.events("completed", now_ms=T0)
     ended = next(e for e in evs if e.event == "call_ended")
     analyzed = next(e for e in evs if e.event == "call_analyzed")
@@ -71,7 +73,7 @@ def test_late_and_reordered_analysis(factory):
     assert t["duration_p50_ms"] == pytest.approx(dur, rel=0.02)
 
 
-def test_active_calls_while_in_progress(factory):
+def test_active_calls_while_in_progress(factory: CallFactory) -> None:
     evs = factory.events("completed", now_ms=T0)
     proc = Processor(DictStore(), load_config())
     proc.process([as_in(evs[0], T0)])
@@ -80,7 +82,7 @@ def test_active_calls_while_in_progress(factory):
     assert totals(proc)["active_calls"] == 0
 
 
-def test_transfer_cancelled_and_bridged(factory):
+def test_transfer_cancelled_and_bridged(factory: CallFactory) -> None:
     bridged = factory.events("transfer_bridged", now_ms=T0)
     cancelled = factory.events("transfer_cancelled", now_ms=T0)
     got: list[Alert] = []
@@ -94,28 +96,28 @@ def test_transfer_cancelled_and_bridged(factory):
     )
 
 
-def test_windows_are_per_minute_and_per_agent(factory):
+def test_windows_are_per_minute_and_per_agent(factory: CallFactory) -> None:
     a = factory.events("completed", now_ms=T0)
     b = factory.events("completed", now_ms=T0)
     proc = Processor(DictStore(), load_config())
     proc.process([as_in(e, T0 + 1000) for e in a] + [as_in(e, T0 + 61_000) for e in b])
     book = proc.book(0)
     assert sorted(book.windows) == [T0, T0 + 60_000]
-    assert all(w[ALL].c["calls"] == 1 for w in book.windows.values())
+    assert all(w[ALL].counts["calls"] == 1 for w in book.windows.values())
 
 
-def _scenario(factory: CallFactory, calls: int) -> tuple[list[In], set[str]]:
+def _scenario(factory: CallFactory, calls: int) -> tuple[list[EventMessage], set[str]]:
     rng = random.Random(11)
-    msgs: list[In] = []
+    msgs: list[EventMessage] = []
     ids = set()
     for i in range(calls):
         evs = factory.events(now_ms=T0)
         ids.add(evs[0].key)
         p = hash(evs[0].key) % 3
         for e in evs:
-            msgs.append(In(p, e.event, e.key.encode(), e.body(), T0 + i * 250))
+            msgs.append(EventMessage(p, e.event, e.key.encode(), e.body(), T0 + i * 250))
             if rng.random() < 0.2:
-                msgs.append(In(p, e.event, e.key.encode(), e.body(), T0 + i * 250))
+                msgs.append(EventMessage(p, e.event, e.key.encode(), e.body(), T0 + i * 250))
     return msgs, ids
 
 
@@ -130,7 +132,7 @@ def _replay(changelog: list[tuple[int, bytes, bytes | None]]) -> DictStore:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_crash_at_any_point_recovers_without_double_counting(factory, seed):
+def test_crash_at_any_point_recovers_without_double_counting(factory: CallFactory, seed: int) -> None:
     """Cut the changelog anywhere (a SIGKILL loses a tail), recover, reprocess the uncommitted
     batches: the totals equal a run without the crash."""
     msgs, ids = _scenario(factory, 60)
@@ -166,16 +168,16 @@ def test_crash_at_any_point_recovers_without_double_counting(factory, seed):
     assert sum(g["calls"] + g["chats"] for g in got.values()) == len(ids)
 
 
-def totals_of(proc: Processor, p: int) -> dict:
+def totals_of(proc: Processor, p: int) -> dict[str, Any]:
     book = proc.book(p)
     t = book.totals.get(ALL)
     out = summarize(t) if t else {}
-    out["chats"] = t.c.get("chats", 0) if t else 0
+    out["chats"] = t.counts.get("chats", 0) if t else 0
     out["windows"] = {w: summarize(v[ALL]) for w, v in sorted(book.windows.items())}
     return out
 
 
-def test_histogram_quantiles_are_within_two_percent():
+def test_histogram_quantiles_are_within_two_percent() -> None:
     from streams.metrics import Agg, Effects
 
     rng = random.Random(3)
@@ -185,3 +187,12 @@ def test_histogram_quantiles_are_within_two_percent():
     s = summarize(agg)
     assert s["duration_p50_ms"] == pytest.approx(exact_quantile(xs, 0.5), rel=0.02)
     assert s["duration_p95_ms"] == pytest.approx(exact_quantile(xs, 0.95), rel=0.02)
+
+
+def test_recovery_of_a_state_it_cannot_read_raises_at_once() -> None:
+    store = DictStore()
+    store.data[b"p:1"] = b"\xc1 not msgpack"
+    proc = Processor(store, load_config())
+    proc.recover([0])  # a partition without a state is fine
+    with pytest.raises(StateUnreadable, match="partition 1 of the state table"):
+        proc.recover([0, 1])

@@ -11,24 +11,29 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from callstream.fakecalls import CallFactory, Event, Fleet
 from callstream.localkafka import free_port
+from callstream.procs import Process, ProcessFailed
+from callstream.simulate import SimulationResult
 from callstream.simulate import run as simulate
 from kernel.signature import sign
 from streams.metrics import exact_quantile
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
+Json = dict[str, Any]
+
 
 class Hook:
     """A Slack-like webhook endpoint: records every POSTed body."""
 
     def __init__(self) -> None:
-        self.bodies: list[dict] = []
+        self.bodies: list[Json] = []
         received = self.bodies
 
         class H(BaseHTTPRequestHandler):
@@ -53,11 +58,11 @@ def hook() -> Iterator[Hook]:
 
 
 @pytest.fixture
-def start_worker(start_service, tmp_path: Path) -> Callable[..., object]:
+def start_worker(start_service: Callable[..., Process], tmp_path: Path) -> Callable[..., Process]:
     cfg = tmp_path / "alerts.toml"
     cfg.write_text("[failure_rate]\ncheck_seconds = 1\n")
 
-    def start(env: dict[str, str] | None = None, name: str = "worker"):
+    def start(env: dict[str, str] | None = None, name: str = "worker") -> Process:
         port = free_port()
         return start_service(
             name,
@@ -71,24 +76,20 @@ def start_worker(start_service, tmp_path: Path) -> Callable[..., object]:
     return start
 
 
-def post_all(url: str, key: str, events: list[Event]) -> None:
+def post_all(gateway: Process, key: str, events: list[Event]) -> None:
     with httpx.Client(timeout=15) as c:
         for ev in events:
             body = ev.body()
             r = c.post(
-                f"{url}/webhook",
+                f"{gateway.url}/webhook",
                 content=body,
                 headers={"x-retell-signature": sign(body, key), "content-type": "application/json"},
             )
             assert r.status_code == 204, r.text
 
 
-def metrics(worker) -> dict:
-    return httpx.get(f"{worker.url}/api/metrics", params={"minutes": 60}, timeout=10).json()
-
-
-def wait_metrics(worker, ok: Callable[[dict], bool], timeout: float = 120) -> dict:
-    last: list[dict] = []
+def wait_metrics(worker: Process, ok: Callable[[Json], bool], timeout: float = 120) -> Json:
+    last: list[Json] = []
 
     def check(r: httpx.Response) -> bool:
         if r.status_code != 200:
@@ -98,13 +99,16 @@ def wait_metrics(worker, ok: Callable[[dict], bool], timeout: float = 120) -> di
 
     try:
         r = worker.wait_http("/api/metrics?minutes=60", timeout=timeout, ok=check)
-    except AssertionError as exc:  # say what the API showed last, not only the log
+    except ProcessFailed as exc:  # say what the API showed last, not only the log
         shown = {k: v for k, v in last[0].items() if k != "agents"} if last else None
         raise AssertionError(f"{exc}\nlast /api/metrics: {shown}") from None
-    return r.json()
+    body: Json = r.json()
+    return body
 
 
-def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_service, start_worker, hook):
+def test_scripted_scenario_exact_metrics_and_alerts(
+    topics: str, api_key: str, gateway_service: Process, start_worker: Callable[..., Process], hook: Hook
+) -> None:
     worker = start_worker({"CALLSTREAM_ALERT_WEBHOOK_URL": hook.url})
     wait_metrics(worker, lambda m: m["complete"])
     fleet = Fleet(seed=21, agents=2)
@@ -137,8 +141,8 @@ def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_ser
         + [e for evs in failed for e in evs]
         + cancelled[-2:]  # a late retry of call_ended / call_analyzed
     )
-    post_all(gateway_service.url, api_key, send)
-    post_all(gateway_service.url, api_key, late_analysis)  # analysis long after the call ended
+    post_all(gateway_service, api_key, send)
+    post_all(gateway_service, api_key, late_analysis)  # analysis long after the call ended
 
     phone = [evs for cid, evs in calls.items() if not cid.startswith("chat_")]
     ended = [next(e for e in evs if e.event == "call_ended").payload["call"] for evs in phone]
@@ -171,7 +175,9 @@ def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_ser
     assert m["agents"][bad]["failed"] == 6 and m["agents"][good]["failed"] == 0
     assert sum(w["overall"]["calls"] for w in m["windows"]) == 11
 
-    cid = lambda evs: evs[0].key  # noqa: E731
+    def cid(evs: list[Event]) -> str:
+        return evs[0].key
+
     want = (
         {f"failed_dial:{cid(evs)}" for evs in failed}
         | {f"error:{cid(error)}", f"unsuccessful:{cid(error)}"}
@@ -182,7 +188,7 @@ def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_ser
         }
     )
 
-    def alert_ids(body: dict) -> list[str]:
+    def alert_ids(body: Json) -> list[str]:
         return [a["id"] if a["rule"] != "failure_rate" else f"failure_rate:{a['agent_id']}" for a in body["alerts"]]
 
     want_all = want | {f"failure_rate:{bad}"}
@@ -199,24 +205,28 @@ def test_scripted_scenario_exact_metrics_and_alerts(topics, api_key, gateway_ser
     assert all(b["text"] for b in hook.bodies)
 
 
-def _distinct(res) -> int:
+def _distinct(res: SimulationResult) -> int:
     return len(res.calls) + len(res.chats)
 
 
-def _seen(m: dict) -> int:
+def _seen(m: Json) -> int:
     """Distinct calls and chats the group has counted."""
-    return m["overall"]["calls"] + m["overall"]["chats_started"]
+    return int(m["overall"]["calls"] + m["overall"]["chats_started"])
 
 
-def _simulate(url: str, key: str, calls: int, seed: int, rate: float = 150.0):
-    return asyncio.run(simulate(f"{url}/webhook", key, calls=calls, rate=rate, duplicate_rate=0.1, seed=seed, agents=3))
+def _simulate(gateway: Process, key: str, calls: int, seed: int, rate: float = 150.0) -> SimulationResult:
+    return asyncio.run(
+        simulate(f"{gateway.url}/webhook", key, calls=calls, rate=rate, duplicate_rate=0.1, seed=seed, agents=3)
+    )
 
 
-def test_sigkill_mid_stream_then_restart_counts_each_call_once(topics, api_key, gateway_service, start_worker):
+def test_sigkill_mid_stream_then_restart_counts_each_call_once(
+    topics: str, api_key: str, gateway_service: Process, start_worker: Callable[..., Process]
+) -> None:
     w1 = start_worker()
     wait_metrics(w1, lambda m: m["complete"])
     results = []
-    t = threading.Thread(target=lambda: results.append(_simulate(gateway_service.url, api_key, 160, seed=5)))
+    t = threading.Thread(target=lambda: results.append(_simulate(gateway_service, api_key, 160, seed=5)))
     t.start()
     wait_metrics(w1, lambda m: m["overall"]["calls"] >= 30)
     w1.stop(signal.SIGKILL)
@@ -238,7 +248,9 @@ def test_sigkill_mid_stream_then_restart_counts_each_call_once(topics, api_key, 
     assert m["overall"]["chats_started"] == len(res.chats)
 
 
-def test_two_workers_share_partitions_and_one_carries_on(topics, api_key, gateway_service, start_worker):
+def test_two_workers_share_partitions_and_one_carries_on(
+    topics: str, api_key: str, gateway_service: Process, start_worker: Callable[..., Process]
+) -> None:
     a = start_worker(name="worker-a")
     b = start_worker(name="worker-b")
     both = wait_metrics(a, lambda m: m["complete"] and len(m["workers"]) == 2, timeout=180)
@@ -247,7 +259,7 @@ def test_two_workers_share_partitions_and_one_carries_on(topics, api_key, gatewa
     local_b = httpx.get(f"{b.url}/api/local", timeout=5).json()["books"]
     assert local_a and local_b and not set(local_a) & set(local_b)  # each owns some partitions
 
-    first = _simulate(gateway_service.url, api_key, 60, seed=8)
+    first = _simulate(gateway_service, api_key, 60, seed=8)
     # A call is "seen" at its first event, and the sender may deliver call_ended after
     # call_analyzed (it does not wait between them), so wait for every count to arrive.
     m = wait_metrics(
@@ -261,7 +273,7 @@ def test_two_workers_share_partitions_and_one_carries_on(topics, api_key, gatewa
     b.stop(signal.SIGKILL)
     # About 18 s of traffic: it keeps arriving while the group notices b is gone (the session
     # timeout is 10 s) and a takes over b's partitions, so a rebalances with batches in hand.
-    second = _simulate(gateway_service.url, api_key, 60, seed=9, rate=20)
+    second = _simulate(gateway_service, api_key, 60, seed=9, rate=20)
     total = _distinct(first) + _distinct(second)
     analyzed = len(first.calls) + len(second.calls)
     m = wait_metrics(

@@ -1,5 +1,6 @@
-"""The worker's transport: the cheaper message hand-off gives the same results as mode's
-`wait_first`, and partitions without a committed offset are read from their beginning."""
+"""What the worker changes in Faust: the cheaper message hand-off gives the same results as mode's
+`wait_first`, partitions without a committed offset are read from their beginning, queued messages
+survive a resumed flow."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ import asyncio
 import functools
 import warnings
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from faust.types import TP
 from mode import Service
 
-from streams.app import create_app
+from streams.faust_internals import Consumer, FastWaitFirst, LeanMonitor, TableManager
 from streams.settings import WorkerSettings
-from streams.transport import FastWaitFirst, LeanMonitor
+from streams.worker import Worker
 
 
 def sync(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
@@ -124,7 +125,7 @@ class FakeKafkaThread:
 
 @sync
 async def test_partitions_without_a_committed_offset_are_read_from_their_beginning() -> None:
-    app = create_app(WorkerSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="tseek"))
+    app = Worker(WorkerSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="tseek")).app
     app.finalize()
     changelog = next(iter(app.tables.changelog_topics))
     committed: dict[TP, int | None] = {
@@ -134,18 +135,18 @@ async def test_partitions_without_a_committed_offset_are_read_from_their_beginni
         TP(changelog, 0): None,  # Faust's recovery positions the changelog, not the committed offsets
     }
     fake = FakeKafkaThread(committed)
-    consumer = app.consumer
-    consumer._thread = fake  # type: ignore[attr-defined]
+    consumer = cast(Consumer, app.consumer)
+    consumer._thread = fake  # type: ignore[assignment]
     assert await consumer.seek_to_committed() == committed
     assert sorted(fake.to_beginning) == [("tseek.call_ended", 2), ("tseek.call_started", 1)]
 
 
 @sync
 async def test_resuming_the_flow_keeps_queued_messages_but_empties_the_changelog_queue() -> None:
-    app = create_app(WorkerSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="tflow"))
+    app = Worker(WorkerSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix="tflow")).app
     app.finalize()
     channel_queue = app.FlowControlQueue(maxsize=10, clear_on_resume=True)  # as Faust's channels ask
-    changelog_queue = app.tables.changelog_queue
+    changelog_queue = cast(TableManager, app.tables).changelog_queue
     channel_queue.put_nowait("fetched after the seek")
     changelog_queue.put_nowait("an old changelog event")
     app.flow_control.suspend()

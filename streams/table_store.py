@@ -1,0 +1,68 @@
+"""The processor's Store over the worker's Faust table, whose keys and values are raw bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any, cast
+
+import faust
+
+from streams.faust_internals import remember_partition
+
+log = logging.getLogger(__name__)
+
+
+class TableStore:
+    """Reads from the table's local data; writes name their changelog partition explicitly.
+
+    The partition is that of the events that caused the write, which is also the partition of the
+    key's call (see streams.processor).
+    """
+
+    def __init__(self, app: faust.App, table: Any) -> None:
+        self.app = app
+        self.table = table
+        self.pending: list[tuple[int, bytes, bytes | None]] = []
+        self.crashing: asyncio.Future[None] | None = None
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self.table.data.get(key)
+        return cast(bytes | None, value)
+
+    def put(self, partition: int, key: bytes, value: bytes | None) -> None:
+        self.restore(partition, key, value)
+        self.pending.append((partition, key, value))
+
+    def restore(self, partition: int, key: bytes, value: bytes | None) -> None:
+        data = self.table.data
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+        remember_partition(self.table, key, partition)
+
+    def keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]:
+        return (k for k in list(self.table.data.keys()) if k.startswith(prefix))
+
+    async def flush(self) -> None:
+        """Hand the batch's writes to the Kafka producer, in order, before the batch is acked.
+
+        They go straight to the producer, not through Faust's `Topic.send` (a future, a pending
+        message and a callback per write, a noticeable share of the worker's CPU): the producer
+        flush that precedes every offset commit still covers them, and the memory store keeps no
+        persisted offsets for the callback to record.
+        """
+        send, name, pending = self.app.producer.send, self.table.changelog_topic.get_topic_name(), self.pending
+        self.pending = []
+        for partition, key, value in pending:
+            fut = cast(asyncio.Future[Any], await send(name, key, value, partition, None, None))
+            fut.add_done_callback(self._sent)
+
+    def _sent(self, fut: asyncio.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            # The offsets of the batch must not be committed over a lost state write: stop.
+            log.error("changelog write failed, stopping the worker: %s", exc)
+            self.crashing = asyncio.ensure_future(self.app.crash(exc))

@@ -1,0 +1,253 @@
+"""The stream worker: one object that builds the Faust app and owns everything that runs in it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from kernel.catalogue import UNKNOWN, Header
+from streams.alertrules import RATE_RULE, load_config
+from streams.alerts import AlertFeed, WebhookSender, encode_alert, failure_rate_alerts
+from streams.errors import StateUnreadable, StreamsError, WorkerStopped
+from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer
+from streams.groupview import GroupView
+from streams.metrics import WINDOW_MS
+from streams.processor import Alert, EventMessage, Processor
+from streams.readiness import Readiness
+from streams.settings import WorkerSettings
+from streams.table_store import TableStore
+from streams.topics import TABLE, WorkerTopics, await_partitions
+from streams.web import Pages, register_pages
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """The Faust app with the processor, its state store, the group view, the alert feed and sender.
+
+    Start-up, in order: the web server (health and readiness answer from the first moment); the
+    topic gate, which creates missing topics, waits until Kafka shows them and adopts their
+    partition count; then Faust's producer, consumer and table recovery. The worker is ready once
+    the books of its partitions are loaded. A failure on the way stops it, and `run` raises it.
+    """
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.rules = load_config(settings.alerts_config)
+        self.readiness = Readiness()
+        self.failure: StreamsError | None = None
+        self.app = _new_app(settings)
+        self.table = self.app.Table(
+            TABLE, default=None, key_type=bytes, value_type=bytes, partitions=settings.topic_partitions
+        )
+        self.topics = WorkerTopics(settings.topic_prefix, self.table.changelog_topic.get_topic_name())
+        self.store = TableStore(self.app, self.table)
+        self.sender = WebhookSender(
+            settings.alert_webhook_url.get_secret_value() if settings.alert_webhook_url else None
+        )
+        self.feed = AlertFeed(settings.kafka_bootstrap, self.topics.alerts)
+        self.alerts_topic = self.app.topic(self.topics.alerts, value_type=bytes, key_type=bytes)
+        self.processor = Processor(self.store, self.rules, self._publish)
+        url = str(self.app.conf.canonical_url)
+        self.view = GroupView(
+            self.processor, settings.topic_partitions, url, self.active_partitions, self._peers, self._is_ready
+        )
+        self.agent = _add_agent(self)
+        self._last_rate_alert: dict[str, int] = {}
+        self._faust_worker: FaustWorker | None = None
+        self.app.gate_start(self._await_topics, self._gate_failed)
+        self._connect()
+        register_pages(self.app, Pages(self.view, self.feed, self.sender, self.processor, self.readiness))
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def run(self, loglevel: str = "INFO") -> None:
+        """Run until stopped by a signal; raise what stopped it otherwise."""
+        Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
+        self._faust_worker = FaustWorker(self.app, loglevel)
+        status = self._faust_worker.run()
+        if self.failure is not None:
+            raise self.failure
+        if status != 0:
+            raise WorkerStopped(f"the worker stopped after an error (exit status {status}); the log above says which")
+
+    def fail(self, error: StreamsError) -> None:
+        """Stop the worker because of `error`, which `run` raises once Faust has shut down."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        self.readiness.failed(str(error))
+        log.error("%s", error)
+        if self._faust_worker is not None:
+            self._faust_worker.stop_soon()
+
+    def _connect(self) -> None:
+        """The rebalance handlers, the background task and the failure-rate timer."""
+        app: faust.App = self.app
+        app.on_partitions_revoked.connect(self._rebalancing)  # type: ignore[arg-type]
+        app.on_partitions_assigned.connect(self._rebalancing)  # type: ignore[arg-type]
+        app.on_rebalance_complete.connect(self._recovered)  # type: ignore[arg-type]
+        app.task(self._start_alerts)
+        app.timer(self.rules.failure_rate.check_seconds, on_leader=True)(self._check_failure_rate)
+
+    # -- the topic gate (runs in a thread, before Faust's producer and consumer start) ------------
+
+    def _await_topics(self, stop: threading.Event) -> None:
+        partitions = await_partitions(
+            self.settings.kafka_bootstrap,
+            self.topics,
+            create_partitions=self.settings.topic_partitions,
+            group=self.app.conf.id,
+            on_wait=self._waiting,
+            stop=stop,
+        )
+        if partitions is None:
+            return
+        set_partitions(self.app, self.table, partitions)
+        self.view.partitions = partitions
+        self.readiness.recovering()
+        log.info(
+            "worker: the %d topics it reads have %d partitions each; recovering", len(self.topics.sources), partitions
+        )
+
+    def _waiting(self, what: str) -> None:
+        self.readiness.waiting(what)
+        log.info("worker not ready: %s", what)
+
+    def _gate_failed(self, exc: Exception) -> None:
+        self.fail(exc if isinstance(exc, StreamsError) else WorkerStopped(f"waiting for the topics failed: {exc!r}"))
+
+    # -- rebalances ------------------------------------------------------------------------------
+
+    async def _rebalancing(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        self.readiness.recovering()
+
+    async def _recovered(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        """Faust restored the table: load this worker's books from it before any event is processed."""
+        try:
+            self.processor.recover(self.active_partitions())
+        except StateUnreadable as exc:
+            self.fail(
+                StateUnreadable(
+                    f"{exc}. The changelog {self.topics.changelog} was not written by this worker's version: "
+                    f"delete it and the consumer group {self.app.conf.id}, and the worker rebuilds its state "
+                    "from the event topics."
+                )
+            )
+            await asyncio.get_running_loop().create_future()  # hold the recovery until the stop cancels it
+        self.readiness.ready()
+
+    # -- what the app's agent, tasks and pages call ------------------------------------------------
+
+    def active_partitions(self) -> set[int]:
+        source = self.topics.sources[0]
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == source}
+
+    def _peers(self) -> list[str]:
+        try:
+            return [str(u) for u in self.app.router.table_metadata(TABLE)]
+        except (KeyError, AttributeError):
+            return []
+
+    def _is_ready(self) -> bool:
+        return self.readiness.is_ready
+
+    def _publish(self, alert: Alert) -> None:
+        log.info("alert %s", alert.text)
+        self.alerts_topic.send_soon(key=alert.id.encode(), value=encode_alert(alert))
+        self.sender.submit(alert)
+
+    async def _start_alerts(self) -> None:
+        # A batch sends one changelog write per call it touched; Faust's default (100 pending
+        # messages) would stall the stream on every batch until the producer caught up.
+        set_producer_buffer(self.app, self.settings.batch_size * 4)
+        self.feed.start()
+        await self.sender.run()
+
+    async def _check_failure_rate(self) -> None:
+        rule = self.rules.failure_rate
+        if not rule.enabled or not self.readiness.is_ready:
+            return
+        # Throttling survives a restart or a new leader: the feed holds the alerts raised before.
+        last = self._last_rate_alert
+        for agent, at in self.feed.last_by_rule_agent(RATE_RULE).items():
+            last[agent] = max(last.get(agent, 0), at)
+        now = int(time.time() * 1000)
+        books, _ = await self.view.books(since=now - now % WINDOW_MS - rule.window_minutes * WINDOW_MS)
+        for alert in failure_rate_alerts(rule, self.view.windows(books), now, last):
+            log.info("alert %s", alert.text)
+            await self.alerts_topic.send(key=alert.agent_id.encode(), value=encode_alert(alert))
+            self.sender.submit(alert)
+
+
+def _new_app(cfg: WorkerSettings) -> App:
+    return App(
+        f"{cfg.app_id}-{cfg.topic_prefix}",
+        broker=f"kafka://{cfg.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=cfg.topic_partitions,
+        value_serializer="raw",
+        key_serializer="raw",
+        web_host=cfg.web_host,
+        web_port=cfg.web_port,
+        canonical_url=cfg.web_url or f"http://{cfg.web_host}:{cfg.web_port}",
+        datadir=cfg.data_dir,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=cfg.batch_size * 4,
+        # On a rebalance Faust must wait for the batch the agent holds before it recovers the
+        # table: recovery replays the changelog into the same in-memory table, and a batch
+        # processed during the replay would have its writes overwritten by older values while
+        # its offsets are still committed, so its events would be lost from the live totals.
+        stream_wait_empty=True,
+        broker_commit_every=cfg.batch_size * 4,
+        web_router_enabled=True,
+        # Every batch writes its calls' states to the changelog: let the producer batch them.
+        producer_linger_ms=10,
+        producer_max_batch_size=1_048_576,
+        producer_max_request_size=4_194_304,
+        # Event bodies run to 30 KB: aiokafka's default 1 MB per partition and fetch would hand
+        # the stream a few dozen call_analyzed at a time.
+        consumer_max_fetch_size=8 * 1_048_576,
+        broker_max_poll_records=cfg.batch_size * 2,
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 4),
+    )
+
+
+def _add_agent(worker: Worker) -> Any:
+    """The one agent: every event topic, in batches, through the processor, then the state writes out."""
+    app, cfg = worker.app, worker.settings
+    source = app.topic(*worker.topics.sources, value_type=bytes, key_type=bytes)
+
+    async def process(stream: Any) -> None:
+        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
+            worker.processor.process([_event_message(event.message) for event in events])
+            await worker.store.flush()
+
+    return app.agent(source)(process)
+
+
+def _event_message(message: Any) -> EventMessage:
+    """The event name (the gateway's `event` header, else the topic's suffix) and `received_at` ms."""
+    name, at = "", 0
+    for header, value in message.headers or ():
+        if header == Header.EVENT:
+            name = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        elif header == Header.RECEIVED_AT:
+            with contextlib.suppress(TypeError, ValueError):
+                at = int(value)
+    if not name:
+        name = message.topic.rpartition(".")[2] or UNKNOWN
+    if not at:
+        ts = message.timestamp
+        at = int(ts * 1000) if ts else int(time.time() * 1000)
+    key = message.key if isinstance(message.key, bytes) else str(message.key or "").encode()
+    return EventMessage(message.partition, name, key, message.value or b"", at)
