@@ -317,18 +317,24 @@ def simulate(
 @click.option("--calls", default=300, show_default=True, help="Simulated calls to send once everything runs.")
 @click.option("--rate", default=100.0, show_default=True, help="Deliveries per second for the simulation.")
 @click.option("--gateway-port", default=8000, show_default=True)
-@click.option("--web-port", default=6066, show_default=True, help="The worker's dashboard port.")
+@click.option(
+    "--web-port", default=None, type=int, help="The worker's dashboard port (default CALLSTREAM_WEB_PORT or 6066)."
+)
 @click.option(
     "--exit-after-summary", is_flag=True, help="Stop everything after the summary instead of waiting for Ctrl-C."
 )
 @click.pass_context
-def up(ctx: click.Context, calls: int, rate: float, gateway_port: int, web_port: int, exit_after_summary: bool) -> None:
+def up(
+    ctx: click.Context, calls: int, rate: float, gateway_port: int, web_port: int | None, exit_after_summary: bool
+) -> None:
     """Everything on one machine for a first run: Kafka, gateway, worker, sink, and simulated calls.
 
     Ctrl-C (or SIGTERM, or the terminal going away) stops all of it, including the broker if `up`
     started it, even when its output goes to a pipe that is gone by then.
     """
     from callstream.up import Stack
+    from streams.settings import WorkerSettings
 
+    web_port = web_port or WorkerSettings().web_port
     stack = Stack(calls=calls, rate=rate, gateway_port=gateway_port, web_port=web_port, log_level=ctx.obj["log_level"])
     stack.run(wait_forever=not exit_after_summary)
