@@ -77,7 +77,7 @@ def _settings_error(exc: ValidationError) -> click.ClickException:
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="callstream")
+@click.version_option(package_name="callstream", prog_name="callstream")
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
