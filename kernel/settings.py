@@ -6,7 +6,6 @@ The environment wins over `.env` (in the working folder), which wins over the de
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
@@ -76,8 +75,7 @@ def config_problem(exc: ValidationError) -> str:
         reason = err.get("ctx", {}).get("error") or err["msg"]
         loc = [str(p) for p in err["loc"]]
         parts.append(f"{variable(loc[0])}: {reason}" if loc else str(reason))
-    where = "the environment or .env"
-    return f"configuration: {'; '.join(parts)} (fix it in {where})"
+    return f"configuration: {'; '.join(parts)} (fix it in the environment or in {DOTENV})"
 
 
 def effective_log_level() -> str:
@@ -88,4 +86,4 @@ def effective_log_level() -> str:
     try:
         return LogSettings().log_level
     except (ConfigError, ValidationError):
-        return logging.getLevelName(logging.INFO)
+        return "INFO"

@@ -212,3 +212,11 @@ def test_help_works_with_a_broken_dotenv(tmp_path: Path) -> None:
         r = run_cli(case, tmp_path, 0)
         assert r.returncode == 0, r.stderr
         assert "Usage:" in r.stdout
+
+
+def test_only_the_first_line_of_a_message_is_the_error_line() -> None:
+    from callstream.cli import _one_line
+    from kernel.errors import CallstreamError
+
+    exc = CallstreamError("gateway exited with code 1; see data/logs/gateway.log:\nits last lines\nmore")
+    assert _one_line(exc).message == "gateway exited with code 1; see data/logs/gateway.log:"
