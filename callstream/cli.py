@@ -73,6 +73,7 @@ class Main(Group):
 
 
 def _settings_error(exc: ValidationError) -> click.ClickException:
+    # Only the sink's body still catches its settings' errors itself; `Main` would do it as well.
     return click.ClickException(config_problem(exc))
 
 
