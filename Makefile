@@ -3,24 +3,37 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The pinned versions: the product's own (the Docker image installs these) and with the dev tools.
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
 
-.PHONY: up test install kafka kafka-stop lint typecheck bench bench-gateway bench-streams bench-warehouse clean chromium
+.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse clean chromium
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -r $(DEV_LOCK)
+	$(BIN)/pip install -q -e . --no-deps
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## make lock: resolve pyproject.toml's dependencies again (the newest within its bounds) into the lock files.
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q 'uv>=0.5,<1'
+	$(BIN)/uv pip compile -q --upgrade --universal --python-version 3.11 pyproject.toml -o $(LOCK)
+	$(BIN)/uv pip compile -q --upgrade --universal --python-version 3.11 pyproject.toml --extra dev \
+		--constraint $(LOCK) -o $(DEV_LOCK)
 
 ## make up: set up everything (venv, install, Kafka jars) and run the whole stack with simulated calls.
 up: $(STAMP)
 	$(BIN)/callstream up
 
-## make test: the whole test suite, against a real Kafka broker that the suite starts itself.
-test: $(STAMP) chromium
+## make test: lint, format and type checks, then the whole test suite against a real Kafka broker
+## that the suite starts itself.
+test: lint chromium
 	$(BIN)/callstream kafka start --help >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -36,7 +49,8 @@ kafka-stop: $(STAMP)
 	$(BIN)/callstream kafka stop
 
 lint: $(STAMP)
-	$(BIN)/ruff check callstream gateway streams warehouse tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 bench: bench-gateway bench-streams bench-warehouse

@@ -1,3 +1,5 @@
 """callstream: voice-AI call webhooks, live in Kafka, Faust metrics and a DuckDB warehouse."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("callstream")  # written once, in pyproject.toml

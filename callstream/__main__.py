@@ -1,3 +1,3 @@
 from callstream.cli import main
 
-main()
+main(prog_name="callstream")

@@ -1,4 +1,9 @@
-"""The `callstream` command: kafka, gateway, worker, sink, simulate and up."""
+"""The `callstream` command: kafka, gateway, worker, sink, simulate and up.
+
+Every expected failure of any command (a `CallstreamError`, an invalid setting, an operating-system
+error such as a file that cannot be made) becomes one line and exit status 1 in `Main.invoke`, so
+the commands themselves need no try/except; with the log level DEBUG the traceback is logged first.
+"""
 
 from __future__ import annotations
 
@@ -11,36 +16,87 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+from callstream.config import warn_unknown_variables
 from callstream.localkafka import LocalKafka
+from callstream.ports import require_free
 from kernel.errors import CallstreamError
 from kernel.logs import setup_logging
+from kernel.settings import LOG_LEVELS, LogSettings, config_problem, effective_log_level
 
 log = logging.getLogger("callstream")
 
+EXPECTED = (CallstreamError, ValidationError, OSError)
+
+
+def _one_line(exc: BaseException) -> click.ClickException:
+    """The error line for an expected failure; its traceback and any further lines go to the DEBUG log."""
+    log.debug("the failure below, for the record", exc_info=exc)
+    if isinstance(exc, ValidationError):
+        text = config_problem(exc)
+    elif isinstance(exc, OSError) and not isinstance(exc, CallstreamError):
+        text = f"{exc} (CALLSTREAM_LOG_LEVEL=DEBUG shows where)"
+    else:
+        text = str(exc).strip() or type(exc).__name__
+    first, _, details = text.partition("\n")
+    if details:
+        log.debug("%s", details)
+    return click.ClickException(first)
+
+
+class Command(click.Command):
+    def invoke(self, ctx: click.Context) -> object:
+        # Every command, also one that reads no other setting: a `.env` that cannot be read or an
+        # unknown log level is an error before the command does anything. (After parsing, so that
+        # --help works whatever the configuration.)
+        LogSettings()
+        return super().invoke(ctx)
+
+
+class Group(click.Group):
+    command_class = Command
+
+
+class Main(Group):
+    """The command group: it turns every expected failure of a command into one line."""
+
+    group_class = Group
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if isinstance(exc.__cause__, EXPECTED):
+                raise _one_line(exc.__cause__) from exc.__cause__
+            raise
+        except EXPECTED as exc:
+            raise _one_line(exc) from exc
+
 
 def _settings_error(exc: ValidationError) -> click.ClickException:
-    msgs = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
-    return click.ClickException(f"configuration: {msgs}")
+    # Only the sink's body still catches its settings' errors itself; `Main` would do it as well.
+    return click.ClickException(config_problem(exc))
 
 
-def _bootstrap_port(bootstrap: str) -> tuple[str, int]:
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
-    return host or "127.0.0.1", int(port)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="callstream")
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default CALLSTREAM_LOG_LEVEL or INFO).")
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="callstream", prog_name="callstream")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default=None,
+    help="Default CALLSTREAM_LOG_LEVEL or INFO; DEBUG also shows the traceback of a failure.",
+)
 @click.pass_context
 def main(ctx: click.Context, log_level: str | None) -> None:
     """callstream: Retell AI / UponAI call webhooks into Kafka, live metrics and a DuckDB warehouse.
 
     First run: `callstream up` starts a local Kafka, the gateway, the worker and the sink, and
-    sends simulated calls through them. Every command reads CALLSTREAM_* variables and `.env`.
+    sends simulated calls through them. Every command reads CALLSTREAM_* variables and `.env`
+    (the environment wins).
     """
-    level = log_level or os.environ.get("CALLSTREAM_LOG_LEVEL", "INFO")
+    level = (log_level or effective_log_level()).upper()
     ctx.obj = {"log_level": level}
     setup_logging(level)
+    warn_unknown_variables()
 
 
 # -- kafka --------------------------------------------------------------------------------------
@@ -52,11 +108,7 @@ def kafka() -> None:
 
 
 def _local(port: int | None, home: str | None) -> LocalKafka:
-    from callstream.localkafka import default_home
-    from kernel.settings import CommonSettings
-
-    host, default_port = _bootstrap_port(CommonSettings().kafka_bootstrap)
-    return LocalKafka(home=default_home() if home is None else Path(home), host=host, port=port or default_port)
+    return LocalKafka.configured(port=port, home=Path(home) if home is not None else None)
 
 
 _port = click.option(
@@ -73,11 +125,7 @@ _home = click.option(
 @click.option("--wait", default=90.0, show_default=True, help="Seconds to wait for the broker to answer.")
 def kafka_start(port: int | None, home: str | None, wait: float) -> None:
     """Start the broker (fetching it on first use) and wait until it answers. Idempotent."""
-    k = _local(port, home)
-    try:
-        k.start(wait=wait, say=click.echo)
-    except CallstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _local(port, home).start(wait=wait, say=click.echo)
 
 
 @kafka.command("stop")
@@ -85,8 +133,7 @@ def kafka_start(port: int | None, home: str | None, wait: float) -> None:
 @_home
 def kafka_stop(port: int | None, home: str | None) -> None:
     """Stop the broker that `kafka start` started, and wait until its JVM is gone."""
-    k = _local(port, home)
-    k.stop(say=click.echo)
+    _local(port, home).stop(say=click.echo)
 
 
 @kafka.command("status")
@@ -113,10 +160,8 @@ def gateway(ctx: click.Context, host: str, port: int, workers: int) -> None:
 
     from gateway.settings import GatewaySettings
 
-    try:
-        cfg = GatewaySettings()
-    except ValidationError as exc:
-        raise _settings_error(exc) from exc
+    cfg = GatewaySettings()
+    require_free(host, port, "the gateway", "--port")
     click.echo(
         f"gateway: http://{host}:{port}/webhook -> kafka {cfg.kafka_bootstrap} (prefix {cfg.topic_prefix})", err=True
     )
@@ -164,15 +209,11 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
     overrides: dict[str, object] = {
         k: v for k, v in {"web_host": web_host, "web_port": web_port}.items() if v is not None
     }
-    try:
-        cfg = WorkerSettings.model_validate(overrides)
-    except ValidationError as exc:
-        raise _settings_error(exc) from exc
+    cfg = WorkerSettings.model_validate(overrides)
+    require_free(cfg.web_host, cfg.web_port, "the worker's dashboard", "--web-port or CALLSTREAM_WEB_PORT")
+    worker = Worker(cfg)
     click.echo(f"worker: dashboard http://{cfg.web_host}:{cfg.web_port}/ ; kafka {cfg.kafka_bootstrap}", err=True)
-    try:
-        Worker(cfg).run(loglevel=ctx.obj["log_level"].upper())
-    except CallstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+    worker.run(loglevel=ctx.obj["log_level"])
 
 
 @main.command()
@@ -277,19 +318,24 @@ def simulate(
 @click.option("--calls", default=300, show_default=True, help="Simulated calls to send once everything runs.")
 @click.option("--rate", default=100.0, show_default=True, help="Deliveries per second for the simulation.")
 @click.option("--gateway-port", default=8000, show_default=True)
-@click.option("--web-port", default=6066, show_default=True, help="The worker's dashboard port.")
+@click.option(
+    "--web-port", default=None, type=int, help="The worker's dashboard port (default CALLSTREAM_WEB_PORT or 6066)."
+)
 @click.option(
     "--exit-after-summary", is_flag=True, help="Stop everything after the summary instead of waiting for Ctrl-C."
 )
-def up(calls: int, rate: float, gateway_port: int, web_port: int, exit_after_summary: bool) -> None:
+@click.pass_context
+def up(
+    ctx: click.Context, calls: int, rate: float, gateway_port: int, web_port: int | None, exit_after_summary: bool
+) -> None:
     """Everything on one machine for a first run: Kafka, gateway, worker, sink, and simulated calls.
 
-    Ctrl-C stops all of it, including the broker if `up` started it.
+    Ctrl-C (or SIGTERM, or the terminal going away) stops all of it, including the broker if `up`
+    started it, even when its output goes to a pipe that is gone by then.
     """
     from callstream.up import Stack
+    from streams.settings import WorkerSettings
 
-    stack = Stack(calls=calls, rate=rate, gateway_port=gateway_port, web_port=web_port, say=click.echo)
-    try:
-        stack.run(wait_forever=not exit_after_summary)
-    except CallstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+    web_port = web_port or WorkerSettings().web_port
+    stack = Stack(calls=calls, rate=rate, gateway_port=gateway_port, web_port=web_port, log_level=ctx.obj["log_level"])
+    stack.run(wait_forever=not exit_after_summary)

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel.errors import KafkaSetupError
+from kernel.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
-KAFKA_VERSION = os.environ.get("CALLSTREAM_KAFKA_VERSION", "4.1.1")
+KAFKA_VERSION = "4.1.1"  # the default; CALLSTREAM_KAFKA_VERSION picks another
 LOG4J_VERSION = "2.24.3"
 DOCKER_HINT = "The other way to get a broker is Docker: `docker compose up -d kafka`."
 
@@ -84,7 +85,7 @@ inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs={data}
 num.partitions={partitions}
-auto.create.topics.enable=true
+auto.create.topics.enable={auto_create}
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=10
 transaction.state.log.replication.factor=1
@@ -97,9 +98,13 @@ log.segment.bytes=104857600
 """
 
 
-def default_home() -> Path:
-    """Where jars, data and logs live: `CALLSTREAM_KAFKA_HOME`, else `.kafka/` in the current folder."""
-    return Path(os.environ.get("CALLSTREAM_KAFKA_HOME", ".kafka")).resolve()
+class LocalKafkaSettings(CommonSettings):
+    """Where `callstream kafka` and `up` keep the local broker (environment and `.env`)."""
+
+    # Jars, data and logs; the jars go to <home>/jars unless kafka_cache names another folder.
+    kafka_home: Path = Path(".kafka")
+    kafka_cache: Path | None = None
+    kafka_version: str = KAFKA_VERSION
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -142,14 +147,31 @@ class LocalKafka:
     partitions: int = 3
     heap: str = "1g"
     jars: Path | None = None
+    version: str = KAFKA_VERSION
+    # Topics made by the broker on a producer's or consumer's first request, as a stock broker does.
+    auto_create: bool = True
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
         if self.controller_port is None:
             self.controller_port = self.port + 1
         if self.jars is None:
-            cache = os.environ.get("CALLSTREAM_KAFKA_CACHE")
-            self.jars = (Path(cache) if cache else self.home / "jars").resolve() / KAFKA_VERSION
+            self.jars = (self.home / "jars").resolve() / self.version
+
+    @classmethod
+    def configured(cls, port: int | None = None, home: Path | None = None) -> LocalKafka:
+        """The broker the settings describe: CALLSTREAM_KAFKA_BOOTSTRAP, _KAFKA_HOME, _CACHE, _VERSION."""
+        cfg = LocalKafkaSettings()
+        host, configured_port = cfg.first_broker()
+        home = (home or cfg.kafka_home).resolve()
+        cache = (cfg.kafka_cache or home / "jars").resolve()
+        return cls(
+            home=home,
+            host=host,
+            port=port or configured_port,
+            jars=cache / cfg.kafka_version,
+            version=cfg.kafka_version,
+        )
 
     @property
     def bootstrap(self) -> str:
@@ -195,34 +217,34 @@ class LocalKafka:
         if self._jars_ready():
             return self.jars
         _, mvn = self._check_tools()
-        say(f"Fetching Apache Kafka {KAFKA_VERSION} from Maven Central into {self.jars} (once) ...")
+        say(f"Fetching Apache Kafka {self.version} from Maven Central into {self.jars} (once) ...")
         self.jars.mkdir(parents=True, exist_ok=True)
         pom = self.jars / "pom.xml"
-        pom.write_text(POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+        pom.write_text(POM.format(kafka=self.version, log4j=LOG4J_VERSION))
         started = time.monotonic()
-        proc = subprocess.run(
-            [
-                mvn,
-                "-q",
-                "-B",
-                "-f",
-                str(pom),
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={self.jars / 'lib'}",
-                "-DincludeScope=runtime",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            raise KafkaSetupError(
-                "Maven could not fetch Apache Kafka "
-                f"{KAFKA_VERSION} (exit {proc.returncode}):\n  " + "\n  ".join(tail) + f"\n{DOCKER_HINT}"
+        mvn_log = self.jars / "mvn.log"
+        with open(mvn_log, "wb") as out:
+            proc = subprocess.run(
+                [
+                    mvn,
+                    "-B",
+                    "-f",
+                    str(pom),
+                    "dependency:copy-dependencies",
+                    f"-DoutputDirectory={self.jars / 'lib'}",
+                    "-DincludeScope=runtime",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
             )
-        (self.jars / ".complete").write_text(KAFKA_VERSION)
-        say(f"Fetched Kafka {KAFKA_VERSION} in {time.monotonic() - started:.1f}s.")
+        if proc.returncode != 0:
+            raise KafkaSetupError(
+                f"Maven could not fetch Apache Kafka {self.version} (exit {proc.returncode}; its output is in "
+                f"{mvn_log}): check the network and CALLSTREAM_KAFKA_VERSION. {DOCKER_HINT}"
+            )
+        (self.jars / ".complete").write_text(self.version)
+        say(f"Fetched Kafka {self.version} in {time.monotonic() - started:.1f}s.")
         return self.jars
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -259,6 +281,7 @@ class LocalKafka:
                 controller_port=self.controller_port,
                 data=self.data_dir,
                 partitions=self.partitions,
+                auto_create=str(self.auto_create).lower(),
             )
         )
         (self.state / "log4j2.yaml").write_text(LOG4J2.format(logs=self.log_dir))
@@ -269,16 +292,18 @@ class LocalKafka:
             return
         # StorageTool wants a cluster id in Kafka's form: a UUID as url-safe base64 without padding.
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        proc = subprocess.run(
-            self._java_cmd(java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        format_log = self.log_dir / "storage-format.log"
+        with open(format_log, "wb") as out:
+            proc = subprocess.run(
+                self._java_cmd(java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
         if proc.returncode != 0:
             raise KafkaSetupError(
-                f"kafka.tools.StorageTool could not format {self.data_dir}: "
-                f"{(proc.stdout + proc.stderr).strip()[-800:]}"
+                f"kafka.tools.StorageTool could not format {self.data_dir} (see {format_log}); "
+                f"remove {self.state} to start afresh"
             )
 
     def start(self, wait: float = 90.0, say: Callable[[str], None] = log.info) -> float:
@@ -291,7 +316,7 @@ class LocalKafka:
             if port_open(self.host, p):
                 raise KafkaSetupError(
                     f"port {self.host}:{p} is taken by something that is not a Kafka broker answering on "
-                    f"{self.bootstrap}; stop it or pick another port with --port."
+                    f"{self.bootstrap}; stop what uses it or pick another port (--port or CALLSTREAM_KAFKA_BOOTSTRAP)."
                 )
         java, _ = self._check_tools()
         started = time.monotonic()
@@ -319,7 +344,7 @@ class LocalKafka:
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
         self.pid_file.write_text(str(proc.pid))
-        say(f"Starting Kafka {KAFKA_VERSION} on {self.bootstrap} (pid {proc.pid}); waiting for it to answer ...")
+        say(f"Starting Kafka {self.version} on {self.bootstrap} (pid {proc.pid}); waiting for it to answer ...")
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if proc.poll() is not None:

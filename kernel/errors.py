@@ -1,8 +1,17 @@
-"""Errors of the shared tooling (local Kafka, topics, simulator)."""
+"""The one error hierarchy: every failure callstream expects derives from `CallstreamError`.
+
+The CLI turns any of them into one line that says what is wrong and what to do, and a non-zero
+exit; the traceback shows only with the log level DEBUG. The first line of the message is that
+line; further lines (a log's tail, say) are details shown only with DEBUG.
+"""
 
 
 class CallstreamError(Exception):
-    """Base of every error callstream's own tooling raises on purpose."""
+    """Base of every error callstream raises on purpose."""
+
+
+class ConfigError(CallstreamError):
+    """The configuration (environment, `.env`, a file it names) cannot be read or is invalid."""
 
 
 class KafkaSetupError(CallstreamError):

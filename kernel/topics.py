@@ -28,7 +28,8 @@ _librdkafka.setLevel(logging.CRITICAL)
 
 
 def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap, "error_cb": lambda _err: None}, logger=_librdkafka)
+    # Callbacks go as keyword arguments: the typed config dict holds only str, int, float and bool.
+    return AdminClient({"bootstrap.servers": bootstrap}, error_cb=lambda _err: None, logger=_librdkafka)
 
 
 def create_missing(admin: AdminClient, names: Iterable[str], partitions: int, timeout: float = 15.0) -> list[str]:

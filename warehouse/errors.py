@@ -1,7 +1,9 @@
 """Errors of the warehouse sink."""
 
+from kernel.errors import CallstreamError
 
-class WarehouseError(Exception):
+
+class WarehouseError(CallstreamError):
     """Base of the sink's own errors."""
 
 
