@@ -12,7 +12,8 @@ librdkafka, and the messages still waiting for an answer fail at once:
     possibly several, so it closes nothing.
   - a fatal error (a fenced idempotent producer, say). The watchdog replaces the client, and opens
     the gate once the new one reaches a broker.
-While the gate is open the watchdog sleeps; `publish` pays one attribute read for all of this.
+While the gate is open the watchdog sleeps; `publish` pays an attribute read for the gate and a set
+insertion (the futures that a closing gate fails) for all of this.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class EventProducer:
             was, announce = self._down, self._announce
             self._down, self._announce = None, False
         if announce:
-            log.warning("kafka: a broker answers again; accepting deliveries (was: %s)", was)
+            log.info("kafka: a broker answers again; accepting deliveries (was: %s)", was)
 
     def close(self, timeout: float = 10.0) -> int:
         """Flush what is queued and stop the threads; return how many messages were still unsent."""
