@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +15,6 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from gateway.errors import PublishError
-
-log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -122,13 +119,22 @@ class Client:
         sender gets a 503 and retries.
         """
         self.stop_polling()
-        try:
+        with contextlib.suppress(KafkaException, RuntimeError):
             self.producer.purge(in_queue=True, in_flight=True, blocking=False)
-            self.producer.flush(timeout)
-            if hasattr(self.producer, "close"):  # confluent-kafka >= 2.13; before, dropping it destroys it
+        # A fatal error the poller had not served yet is raised by the first flush; the second
+        # serves the delivery reports behind it.
+        for _ in range(2):
+            try:
+                self.producer.flush(timeout)
+                break
+            except KafkaException as exc:
+                self.report(exc.args[0])
+            except SystemError as exc:  # confluent-kafka ran a callback with the fatal error raised
+                if isinstance(exc.__cause__, KafkaException):
+                    self.report(exc.__cause__.args[0])
+        if hasattr(self.producer, "close"):  # confluent-kafka >= 2.13; before, dropping it destroys it
+            with contextlib.suppress(RuntimeError):
                 self.producer.close()
-        except (KafkaException, RuntimeError, SystemError) as exc:
-            log.debug("retiring a dead producer: %r", exc)
 
     def close(self, timeout: float) -> int:
         """Flush what is queued and stop the poller; return how many messages were still unsent."""

@@ -90,6 +90,7 @@ class EventProducer:
         self._announce = False  # say so in the log when the gate opens again
         self._epoch = 0  # bumped whenever the gate closes, so that a stale check cannot open it
         self._dead: Client | None = None  # a client after a fatal error, waiting to be replaced
+        self._dead_cause = ""  # what killed it, for the one log line
         self._wake = threading.Event()
         self._closing = False
         self.rebuilds = 0
@@ -136,8 +137,12 @@ class EventProducer:
 
     def _on_error(self, client: Client, err: KafkaError) -> None:
         """Every error of every client (poller thread, or the event loop for `produce`)."""
-        if client is not self.client or client is self._dead:
-            return  # the last words of a client being replaced
+        if client is self._dead:
+            if err.fatal():  # the cause itself, after produce() said only `_FATAL`
+                self._dead_cause = err.str()
+            return
+        if client is not self.client:
+            return  # the last words of a client already replaced
         if is_fatal(err):
             self._fatal(client, err)
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
@@ -150,9 +155,8 @@ class EventProducer:
         with self._lock:
             if self._dead is client:
                 return
-            self._dead = client
+            self._dead, self._dead_cause = client, err.str()
         self._close_gate(f"the Kafka producer is being replaced after a fatal error ({err.str()})", announce=False)
-        log.error("kafka producer fatal error: %s; replacing it with a new producer", err.str())
 
     def _close_gate(self, reason: str, announce: bool) -> bool:
         """Refuse deliveries from now on. True if this outage should be announced and was not yet: the
@@ -184,7 +188,8 @@ class EventProducer:
                 self._recheck()
 
     def _replace(self, dead: Client) -> None:
-        dead.retire()
+        dead.retire()  # serves what librdkafka still holds, the fatal error's own report included
+        log.error("kafka producer fatal error: %s; replacing it with a new producer", self._dead_cause)
         dead.fail_pending_soon(lambda: KafkaUnavailable("the Kafka producer was replaced after a fatal error"))
         fresh = Client(self._conf, self._on_error)
         with self._lock:

@@ -160,3 +160,23 @@ def test_a_transport_error_alone_closes_nothing(producer) -> None:
     producer.client.report(KafkaError(KafkaError._TRANSPORT, "127.0.0.1:9092/1: Disconnected"))
     assert producer.unready_reason(timeout=5) is None
     _publish(producer)
+
+
+class _ProduceNoticesFirst(_FatalOnProduce):
+    """A real fatal error that produce() meets before the poller has served it."""
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        trigger_fatal(self.real, "test: fenced while producing")
+        super().produce(*args, **kwargs)
+
+
+def test_the_log_line_names_the_fatal_error_even_when_produce_noticed_it_first(producer, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    old = producer.client
+    old.stop_polling()  # so that nothing serves librdkafka's report of the error before produce() meets it
+    old.producer = _ProduceNoticesFirst(old.producer)
+    with pytest.raises(PublishError):
+        _publish(producer)
+    _healed(producer, old)
+    [line] = _lines(caplog)
+    assert "test: fenced while producing" in line
