@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -24,7 +25,8 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -241,6 +243,10 @@ def gateway(workers: int, env: dict[str, str], fast_path: bool = True) -> Server
 # -- load ---------------------------------------------------------------------------------------
 
 
+class WrkOutputError(ValueError):
+    """wrk printed something this parser does not understand."""
+
+
 @dataclass
 class WrkResult:
     rps: float
@@ -251,12 +257,38 @@ class WrkResult:
     errors: int
 
 
-_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+# wrk prints a duration in the largest unit that keeps it >= 1 (us, ms, s, m, h) and pads a one-letter
+# unit with spaces so that it lines up with the two-letter ones: `1.40s ` has a trailing space.
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)(us|ms|s|m|h)\s*")
+_PERCENTILE = re.compile(r"^[ \t]+(\d+)%[ \t]+(\S+)[ \t]*$", re.M)
 
 
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    return float(m.group(1)) * _UNIT[m.group(2)] if m else float("nan")
+def latency_ms(text: str) -> float:
+    """A wrk duration (`148.00us`, `4.38ms`, `1.40s `, `1.02m `) in milliseconds."""
+    m = _DURATION.fullmatch(text)
+    if m is None:
+        raise WrkOutputError(f"not a wrk duration: {text!r}")
+    return float(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """The figures of one `wrk --latency` run, from what it printed."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    pct = dict(_PERCENTILE.findall(text))
+    if rps is None or "50" not in pct or "99" not in pct:
+        raise WrkOutputError("no Requests/sec or no latency distribution (was --latency given?)")
+    done = re.search(r"(\d+) requests in", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=latency_ms(pct["50"]),
+        p99_ms=latency_ms(pct["99"]),
+        requests=int(done.group(1)) if done else 0,
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+        errors=sum(int(x) for x in errs.groups()) if errs else 0,
+    )
 
 
 def measured_wrk(repeat: int, server: Server, *args: Any) -> list[tuple[WrkResult, float]]:
@@ -284,21 +316,12 @@ def run_wrk(wrk: str, url: str, requests: Path, seconds: float, connections: int
         text=True,
         check=False,
     )
-    text = proc.stdout
-    if proc.returncode != 0 or "Requests/sec" not in text:
-        sys.exit(f"wrk failed ({proc.returncode}):\n{text}\n{proc.stderr}")
-    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", text, re.M))
-    done = re.search(r"(\d+) requests in", text)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    return WrkResult(
-        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),  # type: ignore[union-attr]
-        p50_ms=_ms(pct.get("50", "")),
-        p99_ms=_ms(pct.get("99", "")),
-        requests=int(done.group(1)) if done else 0,
-        non_2xx=int(non2xx.group(1)) if non2xx else 0,
-        errors=sum(int(x) for x in errs.groups()) if errs else 0,
-    )
+    if proc.returncode != 0:
+        sys.exit(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    try:
+        return parse_wrk(proc.stdout)
+    except WrkOutputError as exc:
+        sys.exit(f"cannot read wrk's output ({exc}):\n{proc.stdout}\n{proc.stderr}")
 
 
 def topic_total(bootstrap: str, prefix: str) -> int:
@@ -316,264 +339,316 @@ def topic_total(bootstrap: str, prefix: str) -> int:
     return total
 
 
-# -- report -------------------------------------------------------------------------------------
+# -- the run ------------------------------------------------------------------------------------
 
 
-# -- main ---------------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    """What every part of a run shares: the options, the broker and key, the bodies, and the tallies."""
+
+    args: argparse.Namespace
+    wrk: str
+    bootstrap: str
+    prefix: str
+    key: str
+    env: dict[str, str]
+    payloads: dict[str, list[bytes]]
+    rows: list[str] = field(default_factory=list)  # the wrk table
+    notes: list[str] = field(default_factory=list)  # the fixed-rate table
+    cpu: dict[tuple[int, str], tuple[float, float]] = field(default_factory=dict)  # gateway, ceiling CPU us/req
+    acked: int = 0  # deliveries answered 204, to compare with the topics' offsets
+
+    def kb(self, kind: str) -> float:
+        ps = self.payloads[kind]
+        return sum(map(len, ps)) / len(ps) / 1024
+
+    def one_run(self, server: Server, payloads: list[bytes], seconds: float) -> WrkResult:
+        a = self.args
+        req = write_requests(OUT / "req.tsv", payloads, self.key)
+        return run_wrk(self.wrk, server.url + "/webhook", req, seconds, a.connections, a.threads)
+
+    def measured(self, server: Server, payloads: list[bytes]) -> list[tuple[WrkResult, float]]:
+        a = self.args
+        req = write_requests(OUT / "req.tsv", payloads, self.key)
+        return measured_wrk(
+            a.repeat, server, self.wrk, server.url + "/webhook", req, a.seconds, a.connections, a.threads
+        )
 
 
-def main() -> None:
+def table_row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m bench.gateway", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--seconds", type=float, default=15, help="length of each wrk run (default 15)")
-    ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
-    ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leaves a core to the server)")
-    ap.add_argument("--warmup", type=float, default=10, help="seconds of unreported load first (default 10)")
-    ap.add_argument(
+    add = ap.add_argument
+    add("--seconds", type=float, default=15, help="length of each wrk run (default 15)")
+    add("--connections", type=int, default=64, help="wrk connections (default 64)")
+    add("--threads", type=int, default=1, help="wrk threads (default 1: leaves a core to the server)")
+    add("--warmup", type=float, default=10, help="seconds of unreported load first (default 10)")
+    add(
         "--repeat",
         type=int,
         default=1,
         help="wrk runs per cell, the best one reported (default 1; 2-3 on a shared machine)",
     )
-    ap.add_argument("--workers", default="1,2", help="gateway/ceiling process counts to compare (default 1,2)")
-    ap.add_argument(
-        "--rate", type=float, default=1000, help="offered rate for the fixed-rate latency run (default 1000)"
-    )
-    ap.add_argument("--rate-seconds", type=float, default=20, help="length of the fixed-rate run (default 20)")
-    ap.add_argument(
-        "--soak", type=float, default=300, help="soak run in seconds for the RSS figures (default 300; 0 skips)"
-    )
-    ap.add_argument(
-        "--soak-rate", type=float, default=500, help="offered rate of simulator traffic in the soak (default 500)"
-    )
-    ap.add_argument(
+    add("--workers", default="1,2", help="gateway/ceiling process counts to compare (default 1,2)")
+    add("--rate", type=float, default=1000, help="offered rate for the fixed-rate latency run (default 1000)")
+    add("--rate-seconds", type=float, default=20, help="length of the fixed-rate run (default 20)")
+    add("--soak", type=float, default=300, help="soak run in seconds for the RSS figures (default 300; 0 skips)")
+    add("--soak-rate", type=float, default=500, help="offered rate of simulator traffic in the soak (default 500)")
+    add(
         "--compare-fastapi",
         action="store_true",
         help="also run the gateway with POST /webhook served by the FastAPI route (1 process)",
     )
-    ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
-    args = ap.parse_args()
+    add("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
+    return ap.parse_args()
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    wrk = ensure_wrk()
-    broker: LocalKafka | None = None
-    bootstrap = os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        broker = LocalKafka(
-            home=OUT / "kafka",
-            port=free_port(),
-            controller_port=free_port(),
-            heap="1g",
-            jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-        )
-        broker.start(wait=120, say=say)
-        bootstrap = broker.bootstrap
+
+@contextlib.contextmanager
+def kafka() -> Iterator[str]:
+    """CALLSTREAM_KAFKA_BOOTSTRAP if set; else a broker of the run's own, stopped and deleted afterwards."""
+    external = os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    broker = LocalKafka(
+        home=OUT / "kafka",
+        port=free_port(),
+        controller_port=free_port(),
+        heap="1g",
+        jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
+    )
+    broker.start(wait=120, say=say)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop(say=say)
+        # Gigabytes of benchmark messages; nothing in them is worth keeping.
+        shutil.rmtree(broker.state, ignore_errors=True)
+
+
+def prepare(args: argparse.Namespace, wrk: str, bootstrap: str) -> Bench:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     ensure_topics(bootstrap, prefix, partitions=3)
     key = f"bench_{uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "RETELL_"))}
     env.update(CALLSTREAM_KAFKA_BOOTSTRAP=bootstrap, CALLSTREAM_TOPIC_PREFIX=prefix, CALLSTREAM_API_KEYS=key)
     payloads = {"call_started": bodies("call_started"), "call_analyzed": bodies("call_analyzed")}
-    sizes = {k: sum(map(len, v)) / len(v) / 1024 for k, v in payloads.items()}
+    b = Bench(args, wrk, bootstrap, prefix, key, env, payloads)
     say(
-        f"bodies: call_started ~{sizes['call_started']:.1f} KB, call_analyzed ~{sizes['call_analyzed']:.1f} KB; "
+        f"bodies: call_started ~{b.kb('call_started'):.1f} KB, call_analyzed ~{b.kb('call_analyzed'):.1f} KB; "
         f"broker {bootstrap} (acks=all), prefix {prefix}"
     )
+    return b
 
-    if args.warmup > 0:
-        # A fresh broker's JVM is still compiling and electing: without this the first cells carry
-        # hundreds of milliseconds of tail that has nothing to do with the gateway.
-        say(f"warm-up: {args.warmup:.0f}s of load through a gateway into the broker (not reported) ...")
-        gw = gateway(1, env)
-        try:
-            for ps in payloads.values():
-                run_wrk(
-                    wrk,
-                    gw.url + "/webhook",
-                    write_requests(OUT / "req.tsv", ps, key),
-                    args.warmup / 2,
-                    args.connections,
-                    args.threads,
-                )
-        finally:
-            gw.stop()
-        warm = topic_total(bootstrap, prefix)
-    else:
-        warm = 0
-    rows: list[str] = []
-    notes: list[str] = []
-    cpu: dict[tuple[int, str], tuple[float, float]] = {}  # (processes, body) -> gateway, ceiling CPU us/req
-    floor = {kind: mandated_us(ps, key, prefix) for kind, ps in payloads.items()}
-    acked = 0
+
+def warm_up(b: Bench) -> int:
+    """Unreported load first; return the messages it left on the topics."""
+    if b.args.warmup <= 0:
+        return 0
+    # A fresh broker's JVM is still compiling and electing: without this the first cells carry
+    # hundreds of milliseconds of tail that has nothing to do with the gateway.
+    say(f"warm-up: {b.args.warmup:.0f}s of load through a gateway into the broker (not reported) ...")
+    gw = gateway(1, b.env)
     try:
-        for workers in [int(w) for w in args.workers.split(",")]:
-            ceil: dict[str, tuple[WrkResult, float]] = {}
-            srv = ceiling(workers, env)
-            try:
-                for kind, ps in payloads.items():
-                    say(f"ceiling, {workers} process(es), {kind}: wrk {args.seconds:.0f}s ...")
-                    ceil[kind] = _fastest(
-                        measured_wrk(
-                            args.repeat,
-                            srv,
-                            wrk,
-                            srv.url + "/webhook",
-                            write_requests(OUT / "req.tsv", ps, key),
-                            args.seconds,
-                            args.connections,
-                            args.threads,
-                        )
-                    )
-            finally:
-                srv.stop()
-            variants = [True, False] if args.compare_fastapi and workers == 1 else [True]
-            for fast in variants:
-                gw = gateway(workers, env, fast_path=fast)
-                label = "gateway" if fast else "gateway (FastAPI route)"
-                try:
-                    for kind, ps in payloads.items():
-                        say(f"{label}, {workers} process(es), {kind}: wrk {args.seconds:.0f}s ...")
-                        runs = measured_wrk(
-                            args.repeat,
-                            gw,
-                            wrk,
-                            gw.url + "/webhook",
-                            write_requests(OUT / "req.tsv", ps, key),
-                            args.seconds,
-                            args.connections,
-                            args.threads,
-                        )
-                        acked += sum(x.requests - x.non_2xx for x, _ in runs)
-                        r, r_us = _fastest(runs)
-                        c, c_us = ceil[kind]
-                        if fast:
-                            cpu[(workers, kind)] = (r_us, c_us)
-                        rows.append(
-                            f"| {kind} ~{sizes[kind]:.0f} KB | {workers} | {label} | {r.rps:,.0f} | {r.p50_ms:.1f} | "
-                            f"{r.p99_ms:.1f} | {r_us:.0f} | {c.rps:,.0f} | {c.p50_ms:.1f} | {c.p99_ms:.1f} | {c_us:.0f} | "
-                            f"{100 * r.rps / c.rps:.0f}% | {r.non_2xx + r.errors} |"
-                        )
-                    if fast:
-                        say(
-                            f"gateway, {workers} process(es): {args.rate:.0f} req/s offered for "
-                            f"{args.rate_seconds:.0f}s (open loop, call_analyzed) ..."
-                        )
-                        ol = asyncio.run(
-                            open_loop(
-                                "127.0.0.1",
-                                gw.port,
-                                http_requests("127.0.0.1", gw.port, payloads["call_analyzed"], key),
-                                args.rate,
-                                args.rate_seconds,
-                            )
-                        )
-                        acked += ol.statuses.get(204, 0)
-                        notes.append(
-                            f"| {workers} | {args.rate:,.0f} | {ol.achieved:,.0f} | {ol.percentile(0.5):.1f} | "
-                            f"{ol.percentile(0.99):.1f} | {ol.percentile(0.999):.1f} | "
-                            f"{sum(n for s, n in ol.statuses.items() if s != 204)} |"
-                        )
-                finally:
-                    gw.stop()
-        soak_line = "skipped (--soak 0)"
-        if args.soak > 0:
-            gw = gateway(1, env)
-            try:
-                evs = mixed_events(4000)
-                time.sleep(1)
-                rss0 = gw.rss_mb()
-                say(
-                    f"soak: simulator traffic at {args.soak_rate:.0f} req/s for {args.soak:.0f}s; RSS at start "
-                    f"{rss0:.0f} MB ..."
-                )
-                series = [rss0]
-                statuses: dict[int, int] = {}
-                left = args.soak
-                while left > 0:
-                    seg = min(60.0, left)
-                    # Re-signed per minute: a signature is only valid for five.
-                    ol = asyncio.run(
-                        open_loop(
-                            "127.0.0.1",
-                            gw.port,
-                            http_requests("127.0.0.1", gw.port, [e.body() for e in evs], key),
-                            args.soak_rate,
-                            seg,
-                        )
-                    )
-                    for s, n in ol.statuses.items():
-                        statuses[s] = statuses.get(s, 0) + n
-                    left -= seg
-                    series.append(gw.rss_mb())
-                    say(f"soak: {args.soak - left:.0f}s, RSS {series[-1]:.0f} MB, p99 {ol.percentile(0.99):.1f} ms")
-                acked += statuses.get(204, 0)
-                soak_line = (
-                    f"{args.soak:.0f} s of simulator traffic at {args.soak_rate:.0f} req/s, 1 process: RSS "
-                    f"{series[0]:.0f} MB at start, {series[-1]:.0f} MB at the end (per minute: "
-                    f"{', '.join(f'{x:.0f}' for x in series)} MB); statuses {dict(sorted(statuses.items()))}"
-                )
-            finally:
-                gw.stop()
-        time.sleep(1)
-        on_topics = topic_total(bootstrap, prefix) - warm
+        for ps in b.payloads.values():
+            b.one_run(gw, ps, b.args.warmup / 2)
     finally:
-        if broker is not None:
-            broker.stop(say=say)
-            # Gigabytes of benchmark messages; nothing in them is worth keeping.
-            shutil.rmtree(broker.state, ignore_errors=True)
+        gw.stop()
+    return topic_total(b.bootstrap, b.prefix)
 
+
+def ceiling_cells(b: Bench, workers: int) -> dict[str, tuple[WrkResult, float]]:
+    ceil: dict[str, tuple[WrkResult, float]] = {}
+    srv = ceiling(workers, b.env)
+    try:
+        for kind, ps in b.payloads.items():
+            say(f"ceiling, {workers} process(es), {kind}: wrk {b.args.seconds:.0f}s ...")
+            ceil[kind] = _fastest(b.measured(srv, ps))
+    finally:
+        srv.stop()
+    return ceil
+
+
+def gateway_cells(b: Bench, workers: int, fast: bool, ceil: dict[str, tuple[WrkResult, float]]) -> None:
+    """The gateway's row per body beside the ceiling's, then (fast path only) the fixed-rate run."""
+    gw = gateway(workers, b.env, fast_path=fast)
+    label = "gateway" if fast else "gateway (FastAPI route)"
+    try:
+        for kind, ps in b.payloads.items():
+            say(f"{label}, {workers} process(es), {kind}: wrk {b.args.seconds:.0f}s ...")
+            runs = b.measured(gw, ps)
+            b.acked += sum(x.requests - x.non_2xx for x, _ in runs)
+            r, r_us = _fastest(runs)
+            c, c_us = ceil[kind]
+            if fast:
+                b.cpu[(workers, kind)] = (r_us, c_us)
+            b.rows.append(
+                table_row(
+                    f"{kind} ~{b.kb(kind):.0f} KB",
+                    workers,
+                    label,
+                    f"{r.rps:,.0f}",
+                    f"{r.p50_ms:.1f}",
+                    f"{r.p99_ms:.1f}",
+                    f"{r_us:.0f}",
+                    f"{c.rps:,.0f}",
+                    f"{c.p50_ms:.1f}",
+                    f"{c.p99_ms:.1f}",
+                    f"{c_us:.0f}",
+                    f"{100 * r.rps / c.rps:.0f}%",
+                    r.non_2xx + r.errors,
+                )
+            )
+        if fast:
+            fixed_rate(b, gw, workers)
+    finally:
+        gw.stop()
+
+
+def fixed_rate(b: Bench, gw: Server, workers: int) -> None:
+    a = b.args
+    say(
+        f"gateway, {workers} process(es): {a.rate:.0f} req/s offered for {a.rate_seconds:.0f}s "
+        "(open loop, call_analyzed) ..."
+    )
+    reqs = http_requests("127.0.0.1", gw.port, b.payloads["call_analyzed"], b.key)
+    ol = asyncio.run(open_loop("127.0.0.1", gw.port, reqs, a.rate, a.rate_seconds))
+    b.acked += ol.statuses.get(204, 0)
+    b.notes.append(
+        table_row(
+            workers,
+            f"{a.rate:,.0f}",
+            f"{ol.achieved:,.0f}",
+            f"{ol.percentile(0.5):.1f}",
+            f"{ol.percentile(0.99):.1f}",
+            f"{ol.percentile(0.999):.1f}",
+            sum(n for s, n in ol.statuses.items() if s != 204),
+        )
+    )
+
+
+def soak(b: Bench) -> str:
+    """Simulator traffic for `--soak` seconds against one process; return the Memory line."""
+    a = b.args
+    if a.soak <= 0:
+        return "skipped (--soak 0)"
+    gw = gateway(1, b.env)
+    try:
+        evs = mixed_events(4000)
+        time.sleep(1)
+        series = [gw.rss_mb()]
+        say(
+            f"soak: simulator traffic at {a.soak_rate:.0f} req/s for {a.soak:.0f}s; RSS at start {series[0]:.0f} MB ..."
+        )
+        statuses: dict[int, int] = {}
+        left = a.soak
+        while left > 0:
+            seg = min(60.0, left)
+            # Re-signed per minute: a signature is only valid for five.
+            reqs = http_requests("127.0.0.1", gw.port, [e.body() for e in evs], b.key)
+            ol = asyncio.run(open_loop("127.0.0.1", gw.port, reqs, a.soak_rate, seg))
+            for s, n in ol.statuses.items():
+                statuses[s] = statuses.get(s, 0) + n
+            left -= seg
+            series.append(gw.rss_mb())
+            say(f"soak: {a.soak - left:.0f}s, RSS {series[-1]:.0f} MB, p99 {ol.percentile(0.99):.1f} ms")
+    finally:
+        gw.stop()
+    b.acked += statuses.get(204, 0)
+    return (
+        f"{a.soak:.0f} s of simulator traffic at {a.soak_rate:.0f} req/s, 1 process: RSS "
+        f"{series[0]:.0f} MB at start, {series[-1]:.0f} MB at the end (per minute: "
+        f"{', '.join(f'{x:.0f}' for x in series)} MB); statuses {dict(sorted(statuses.items()))}"
+    )
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _cpu_paragraph(b: Bench, floor: dict[str, tuple[float, float]]) -> str:
+    mandated = "; ".join(
+        f"{kind}: HMAC-SHA256 verification {v:.0f} µs + routing decode (rejects malformed JSON) "
+        f"{r:.0f} µs = {v + r:.0f} µs"
+        for kind, (v, r) in floor.items()
+    )
+    allowance = "; ".join(
+        f"{kind}, {w} process(es): {c_us / 0.6:.0f} µs of server CPU per request (the gateway spent {g_us:.0f})"
+        for (w, kind), (g_us, c_us) in sorted(b.cpu.items())
+    )
+    return (
+        "Server CPU µs/req: user + system CPU of the server's processes (librdkafka's threads included) "
+        "per request answered during the run. What no gateway can skip, measured in-process on the "
+        f"same bodies: {mandated}. Reaching 60% of the ceiling's req/s at the ceiling's CPU efficiency would "
+        f"allow {allowance}. On 2 cores the broker and wrk share the same CPUs, so the server cannot buy "
+        "time elsewhere."
+    )
+
+
+def section(b: Bench, floor: dict[str, tuple[float, float]], soak_line: str, on_topics: int) -> str:
+    a = b.args
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join(
+    return "\n".join(
         [
             "## Gateway",
             "",
             f"`make bench-gateway` on {when}; {machine()}. Load generator on the same machine (wrk, "
-            f"{args.threads} thread, {args.connections} connections, {args.seconds:.0f} s per run, best of "
-            f"{args.repeat}); one local "
-            f"Kafka {KAFKA_VERSION} broker, acks=all, idempotent producer, lz4. Ceiling: `bench/ceiling.py`, an ASGI app "
-            "that reads the body and answers 204, on the same uvicorn settings (httptools, uvloop, no access log).",
+            f"{a.threads} thread, {a.connections} connections, {a.seconds:.0f} s per run, best of {a.repeat}); "
+            f"one local Kafka {KAFKA_VERSION} broker, acks=all, idempotent producer, lz4. Ceiling: "
+            "`bench/ceiling.py`, an ASGI app that reads the body and answers 204, on the same uvicorn settings "
+            "(httptools, uvloop, no access log).",
             "",
             "| body | processes | server | req/s | p50 ms | p99 ms | server CPU µs/req | ceiling req/s | ceiling p50 | "
             "ceiling p99 | ceiling CPU µs/req | of ceiling | errors |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            *rows,
+            *b.rows,
             "",
-            "Server CPU µs/req: user + system CPU of the server's processes (librdkafka's threads included) "
-            "per request answered during the run. What no gateway can skip, measured in-process on the "
-            "same bodies: "
-            + "; ".join(
-                f"{kind}: HMAC-SHA256 verification {v:.0f} µs + routing decode (rejects malformed JSON) "
-                f"{r:.0f} µs = {v + r:.0f} µs"
-                for kind, (v, r) in floor.items()
-            )
-            + ". "
-            "Reaching 60% of the ceiling's req/s at the ceiling's CPU efficiency would allow "
-            + "; ".join(
-                f"{kind}, {w} process(es): {c_us / 0.6:.0f} µs of server CPU per request (the gateway spent {g_us:.0f})"
-                for (w, kind), (g_us, c_us) in sorted(cpu.items())
-            )
-            + ". On 2 cores the broker and wrk share the same CPUs, so the server cannot buy time elsewhere.",
+            _cpu_paragraph(b, floor),
             "",
             "Fixed offered rate, open loop (latency from each request's due time), ~30 KB call_analyzed:",
             "",
             "| processes | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | non-204 |",
             "| --- | --- | --- | --- | --- | --- | --- |",
-            *notes,
+            *b.notes,
             "",
             f"Memory: {soak_line}.",
             "",
-            f"Every 204 is on a topic: {acked:,} deliveries answered 204, {on_topics:,} messages on the topics "
-            f"({'OK' if on_topics >= acked else 'MISSING MESSAGES'}; more on the topics is possible: a request "
+            f"Every 204 is on a topic: {b.acked:,} deliveries answered 204, {on_topics:,} messages on the topics "
+            f"({'OK' if on_topics >= b.acked else 'MISSING MESSAGES'}; more on the topics is possible: a request "
             "in flight when wrk stops is stored without wrk counting it).",
             "",
         ]
     )
-    print(section)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    wrk = ensure_wrk()
+    with kafka() as bootstrap:
+        b = prepare(args, wrk, bootstrap)
+        warm = warm_up(b)
+        floor = {kind: mandated_us(ps, b.key, b.prefix) for kind, ps in b.payloads.items()}
+        for workers in [int(w) for w in args.workers.split(",")]:
+            ceil = ceiling_cells(b, workers)
+            for fast in [True, False] if args.compare_fastapi and workers == 1 else [True]:
+                gateway_cells(b, workers, fast, ceil)
+        soak_line = soak(b)
+        time.sleep(1)
+        on_topics = topic_total(bootstrap, b.prefix) - warm
+    text = section(b, floor, soak_line, on_topics)
+    print(text)
     if not args.no_write:
-        write_section("gateway", section)
+        write_section("gateway", text)
         say(f"wrote the Gateway section of {RESULTS.relative_to(REPO)}")
-    if on_topics < acked:
+    if on_topics < b.acked:
         sys.exit("some deliveries answered 204 are not on their topics")
 
 

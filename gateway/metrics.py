@@ -49,6 +49,7 @@ class GatewayMetrics:
         """The Prometheus text of this process, or of every worker when several share a folder."""
         if os.environ.get(MULTIPROC_ENV):
             merged = CollectorRegistry()
+            # prometheus_client leaves MultiProcessCollector.__init__ unannotated; it registers on `merged`.
             MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
             return generate_latest(merged)
         return generate_latest(self.registry)

@@ -10,15 +10,19 @@ from gateway.errors import PayloadError
 from kernel.catalogue import EVENTS_BY_NAME, Subject, event_topic
 
 
-class _Ref(msgspec.Struct):
+# One struct per subject: `call.chat_id` (or `chat.call_id`) is not ours to check, whatever its type.
+class _CallRef(msgspec.Struct):
     call_id: str | None = None
+
+
+class _ChatRef(msgspec.Struct):
     chat_id: str | None = None
 
 
 class _Envelope(msgspec.Struct):
     event: str
-    call: _Ref | None = None
-    chat: _Ref | None = None
+    call: _CallRef | None = None
+    chat: _ChatRef | None = None
 
 
 _decoder = msgspec.json.Decoder(_Envelope)

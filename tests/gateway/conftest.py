@@ -1,18 +1,39 @@
-"""Gateway fixtures: gateways as real processes with their own settings, and signed requests."""
+"""Gateway fixtures: gateways as real processes with their own settings, signed requests, and a
+broker of a test's own for tests that stop it."""
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from callstream.localkafka import free_port
+from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
 from callstream.procs import Process as Service
 from kernel.signature import sign
 from tests.support.kafka import topic_counts
+from tests.support.paths import KAFKA_JARS
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[LocalKafka]:
+    """A real broker for this test alone, on free ports, which the test may stop and start again
+    (same ports, same data); never the session broker."""
+    broker = LocalKafka(
+        home=tmp_path / "own-kafka",
+        port=free_port(),
+        controller_port=free_port(),
+        heap="512m",
+        jars=KAFKA_JARS / KAFKA_VERSION,
+    )
+    broker.start(wait=120)
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture

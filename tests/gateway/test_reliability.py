@@ -8,17 +8,15 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+from callstream.localkafka import LocalKafka
 from kernel.signature import sign
 from kernel.topics import ensure_topics
 from tests.support.kafka import consume_all, topic_counts
-from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -30,22 +28,6 @@ class Delivery:
     done: float
     status: int
     retry_after: str | None
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path):
-    broker = LocalKafka(
-        home=tmp_path / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        heap="512m",
-        jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-    )
-    broker.start(wait=120)
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 async def _load(url: str, key: str, stop: asyncio.Event, out: list[Delivery], rate: float = 100) -> None:

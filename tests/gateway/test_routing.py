@@ -57,3 +57,10 @@ def test_other_fields_are_not_decoded() -> None:
         }
     )
     assert route(body, "p").key == "c"
+
+
+def test_the_other_subject_s_id_is_not_checked() -> None:
+    # Found by test_fuzz: a `chat_id` of any type inside `call` is not the call's id, so it is kept.
+    assert route(b'{"event":"c","call":{"call_id":"0","chat_id":0}}', "p").key == "0"
+    assert route(b'{"event":"call_ended","call":{"call_id":"c","chat_id":[1]}}', "p").topic == "p.call_ended"
+    assert route(b'{"event":"chat_ended","chat":{"chat_id":"h","call_id":{}}}', "p").key == "h"
