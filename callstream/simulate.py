@@ -4,171 +4,146 @@ Like Retell's sender it fires each call's events in order without waiting on the
 gives each delivery 10 s, retries a failed one up to 3 times, and sometimes delivers the same
 event twice. Calls overlap, so events of many calls interleave, and a small share of a call's
 neighbouring events are swapped (reordering on the way).
+
+This process makes and signs the deliveries on a thread; sender processes only write them at
+their due time and read the answers, so the latency they report is the server's response time and
+the lag of their schedule is reported on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import multiprocessing
+import queue
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import httpx
+from callstream.sim import sender
+from callstream.sim.feeder import INBOX_BATCHES, Feeder
+from callstream.sim.http1 import Target
+from callstream.sim.plan import SimulationPlan, fresh_seed
+from callstream.sim.result import SimulationResult
+from callstream.sim.sender import SENDER_RETRIES, SENDER_TIMEOUT_S, Batch, Job, Links
+from callstream.sim.traffic import schedule
+from kernel.errors import CallstreamError
 
-from callstream.fakecalls import CallFactory, Event, Fleet
-from kernel.signature import sign
+__all__ = [
+    "SENDER_RETRIES",
+    "SENDER_TIMEOUT_S",
+    "SimulationPlan",
+    "SimulationResult",
+    "fresh_seed",
+    "run",
+    "schedule",
+]
 
-SENDER_TIMEOUT_S = 10.0
-SENDER_RETRIES = 3
+START_TIMEOUT_S = 60.0
+POLL_S = 0.05
+
+
+class SimulationError(CallstreamError):
+    """A sender process died or never started."""
 
 
 @dataclass
-class SimulationResult:
-    sent: int = 0  # deliveries attempted (first tries and retries)
-    events: int = 0  # distinct events
-    statuses: Counter[int] = field(default_factory=Counter)
-    duplicates: int = 0
-    retries: int = 0
-    failed: int = 0  # events never acknowledged after every retry
-    latencies_ms: list[float] = field(default_factory=list)
-    calls: set[str] = field(default_factory=set)
-    chats: set[str] = field(default_factory=set)
-    by_event: Counter[str] = field(default_factory=Counter)
-    accepted_by_event: Counter[str] = field(default_factory=Counter)  # events answered 2xx (duplicates not counted)
-    accepted: list[Event] = field(default_factory=list)
-    seconds: float = 0.0
+class _Senders:
+    """The sender processes and what they share with this one."""
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
-            return 0.0
-        xs = sorted(self.latencies_ms)
-        return xs[min(len(xs) - 1, int(q * len(xs)))]
+    plan: SimulationPlan
+    links: list[Links]
+    procs: list[multiprocessing.process.BaseProcess]
 
-    def summary(self) -> str:
-        by_status = ", ".join(f"{s}: {n}" for s, n in sorted(self.statuses.items())) or "none"
-        rate = self.sent / self.seconds if self.seconds else 0.0
-        return (
-            f"sent {self.sent} deliveries ({self.events} events of {len(self.calls)} calls and "
-            f"{len(self.chats)} chats; {self.duplicates} duplicate deliveries, {self.retries} retries) "
-            f"in {self.seconds:.1f}s ({rate:.0f}/s)\n"
-            f"  by status: {by_status}; never acknowledged: {self.failed}\n"
-            f"  latency p50 {self.percentile(0.5):.1f} ms, p95 {self.percentile(0.95):.1f} ms, "
-            f"p99 {self.percentile(0.99):.1f} ms"
-        )
+    @classmethod
+    def spawn(cls, plan: SimulationPlan, target: Target, key: str | None) -> _Senders:
+        # spawn, not fork: the caller may run threads (Kafka clients, a web server) that fork would copy.
+        ctx = multiprocessing.get_context("spawn")
+        ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        start, progress = ctx.Value("d", 0.0), ctx.Value("q", 0)
+        links = [Links(ctx.Queue(INBOX_BATCHES), ready, results, go, start, progress) for _ in range(plan.processes)]
+        procs: list[multiprocessing.process.BaseProcess] = []
+        for i, link in enumerate(links):
+            job = Job(i, target, key, plan.concurrency_per_process, plan.duration)
+            p = ctx.Process(target=sender.main, args=(job, link), name=f"simulate-sender-{i}", daemon=True)
+            p.start()
+            procs.append(p)
+        return cls(plan, links, procs)
+
+    @property
+    def inboxes(self) -> list[multiprocessing.queues.Queue[Batch]]:
+        return [link.inbox for link in self.links]
+
+    def check(self, feeder: Feeder, done: set[int]) -> None:
+        if feeder.error is not None:
+            raise feeder.error
+        for i, p in enumerate(self.procs):
+            if i not in done and p.exitcode not in (None, 0):
+                raise SimulationError(f"sender process {i} exited with code {p.exitcode}")
+
+    async def ready(self, feeder: Feeder) -> None:
+        """Wait until every sender runs and has work: the run's clock starts after that."""
+        ready, deadline = 0, time.monotonic() + START_TIMEOUT_S
+        while ready < len(self.procs) or not feeder.primed.is_set():
+            self.check(feeder, set())
+            if time.monotonic() > deadline:
+                raise SimulationError(f"the sender processes did not start in {START_TIMEOUT_S:.0f}s")
+            try:
+                self.links[0].ready.get_nowait()
+                ready += 1
+            except queue.Empty:
+                await asyncio.sleep(POLL_S)
+
+    def go(self) -> float:
+        link = self.links[0]
+        link.start.value = time.monotonic()
+        link.go.set()
+        return link.start.value
+
+    async def collect(self, feeder: Feeder, progress: Callable[[int], None] | None) -> SimulationResult:
+        """Wait for every sender's tally, stopping the feeder when the duration is over."""
+        res = SimulationResult(rate=self.plan.rate, seed=self.plan.seed, processes=self.plan.processes)
+        start, done, shown = self.links[0].start.value, set[int](), 0
+        while len(done) < len(self.procs):
+            self.check(feeder, done)
+            if self.plan.duration is not None and time.monotonic() >= start + self.plan.duration:
+                feeder.stop.set()
+            try:
+                i, part = self.links[0].results.get_nowait()
+                res.add(part)
+                done.add(i)
+            except queue.Empty:
+                await asyncio.sleep(POLL_S)
+            shown = _show(self.links[0].progress.value, shown, progress)
+        return res
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=5)
+        for link in self.links:
+            link.inbox.cancel_join_thread()  # never wait at exit to hand batches to a sender that is gone
 
 
-def schedule(
-    factory: CallFactory,
-    calls: int,
-    overlap: int = 20,
-    reorder: float = 0.02,
-    rng: random.Random | None = None,
-) -> Iterator[Event]:
-    """Events of `calls` calls and chats, `overlap` in progress at once, interleaved in send order."""
-    rng = rng or random.Random(0)
-    pending = calls
-    active: list[list[Event]] = []
-    while pending or active:
-        while pending and len(active) < overlap:
-            evs = factory.events()
-            if len(evs) > 1 and rng.random() < reorder:
-                i = rng.randrange(len(evs) - 1)
-                evs[i], evs[i + 1] = evs[i + 1], evs[i]
-            active.append(evs)
-            pending -= 1
-        i = rng.randrange(len(active))
-        yield active[i].pop(0)
-        if not active[i]:
-            active.pop(i)
+def _show(written: int, shown: int, progress: Callable[[int], None] | None) -> int:
+    if progress is not None and written > shown:
+        progress(written - shown)
+    return written
 
 
 async def run(
-    url: str,
-    key: str | None,
-    calls: int = 200,
-    rate: float = 200.0,
-    duration: float | None = None,
-    concurrency: int = 64,
-    duplicate_rate: float = 0.03,
-    reorder_rate: float = 0.02,
-    seed: int = 1,
-    agents: int = 5,
-    progress: Callable[[int], None] | None = None,
-    keep_accepted: bool = False,
-    events: list[Event] | None = None,
+    url: str, key: str | None, plan: SimulationPlan | None = None, progress: Callable[[int], None] | None = None
 ) -> SimulationResult:
-    """Send traffic to `url` at about `rate` deliveries/s; stop after `calls` calls or `duration` s."""
-    rng = random.Random(seed)
-    factory = CallFactory(Fleet(seed=seed, agents=agents), seed=seed)
-    source: Iterator[Event] = (
-        iter(events)
-        if events is not None
-        else schedule(factory, calls if duration is None else 10**9, reorder=reorder_rate, rng=rng)
-    )
-    res = SimulationResult()
-    sem = asyncio.Semaphore(concurrency)
-    started = time.monotonic()
-    interval = 1.0 / rate if rate > 0 else 0.0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(timeout=SENDER_TIMEOUT_S, limits=limits) as client:
-
-        async def deliver(ev: Event, body: bytes) -> bool:
-            for attempt in range(SENDER_RETRIES + 1):
-                headers = {"content-type": "application/json"}
-                if key:
-                    headers["x-retell-signature"] = sign(body, key)
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, content=body, headers=headers)
-                    status = r.status_code
-                except httpx.HTTPError:
-                    status = 0
-                res.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                res.sent += 1
-                res.statuses[status] += 1
-                if progress:
-                    progress(1)
-                if 200 <= status < 300:
-                    if keep_accepted:
-                        res.accepted.append(ev)
-                    return True
-                if status not in (0, 408, 429) and status < 500:
-                    return False  # a 4xx is final: the sender does not retry a refusal
-                res.retries += 1 if attempt < SENDER_RETRIES else 0
-                await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
-            res.failed += 1
-            return False
-
-        async def one(ev: Event) -> None:
-            try:
-                body = ev.body()
-                if await deliver(ev, body):
-                    res.accepted_by_event[ev.event] += 1
-                if rng.random() < duplicate_rate:
-                    res.duplicates += 1
-                    await deliver(ev, body)
-            finally:
-                sem.release()
-
-        tasks: set[asyncio.Task[None]] = set()
-        for n, ev in enumerate(source):
-            if duration is not None and time.monotonic() - started >= duration:
-                break
-            if interval:
-                wait = started + n * interval - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            await sem.acquire()
-            res.events += 1
-            res.by_event[ev.event] += 1
-            (res.chats if ev.event.startswith("chat_") else res.calls).add(ev.key)
-            t = asyncio.create_task(one(ev))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-    res.seconds = time.monotonic() - started
-    return res
+    """Send `plan`'s traffic to `url`, signed with `key` (unsigned when None); `progress(n)`: n more requests."""
+    plan = plan or SimulationPlan()
+    target = Target.from_url(url)
+    senders = _Senders.spawn(plan, target, key)
+    feeder = Feeder(plan, target, key, senders.inboxes)
+    try:
+        feeder.start()
+        await senders.ready(feeder)
+        senders.go()
+        return await senders.collect(feeder, progress)
+    finally:
+        feeder.abandon.set()
+        senders.close()

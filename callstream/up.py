@@ -18,6 +18,7 @@ import orjson
 from callstream.localkafka import LocalKafka, broker_answers, default_home
 from callstream.procs import Process
 from callstream.procs import callstream as start_callstream
+from callstream.simulate import SimulationPlan
 from callstream.simulate import run as simulate
 from kernel.errors import CallstreamError
 from kernel.settings import CommonSettings
@@ -74,9 +75,9 @@ class Stack:
             self.procs["worker"].wait_http("/api/counts", timeout=120)
             self.say(f"Gateway, worker and sink are up (logs in {logs.resolve()}). Sending {self.calls} calls ...")
             key = env["CALLSTREAM_API_KEYS" if env.get("CALLSTREAM_API_KEYS") else "RETELL_API_KEY"].split(",")[0]
-            res = asyncio.run(
-                simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key, calls=self.calls, rate=self.rate)
-            )
+            plan = SimulationPlan(calls=self.calls, rate=self.rate)  # a fresh seed: every run sends new calls
+            self.say(f"Simulator seed {plan.seed} (`callstream simulate --seed {plan.seed}` repeats these calls).")
+            res = asyncio.run(simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key, plan))
             self.say(res.summary())
             # Each call has one call_analyzed event, so this counts the calls the sink must load.
             self._summary(res.statuses.get(204, 0), res.accepted_by_event["call_analyzed"])

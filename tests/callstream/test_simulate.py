@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import orjson
 import pytest
 from retell.lib import webhook_auth
 
-from callstream.simulate import SimulationResult, run
+from callstream.simulate import SimulationPlan, SimulationResult, run
 from tests.support.kafka import topic_counts
 
 
@@ -27,9 +30,11 @@ class _Recorder(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the simulator expects
     seen: list[tuple[bytes, str]]
     answer = 204
+    delay = 0.0
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
+        time.sleep(self.delay)
         self.seen.append((body, self.headers.get("x-retell-signature", "")))
         self.send_response(self.answer)
         self.send_header("content-length", "0")
@@ -54,7 +59,7 @@ def recorder() -> Iterator[tuple[str, list[tuple[bytes, str]], type[_Recorder]]]
 
 def test_retell_sdk_verifies_every_delivery_the_simulator_sends(recorder) -> None:
     url, seen, _ = recorder
-    res = asyncio.run(run(url, "key_sim", calls=25, rate=0, duplicate_rate=0.2, seed=3))
+    res = asyncio.run(run(url, "key_sim", SimulationPlan(calls=25, rate=0, duplicate_rate=0.2, seed=3)))
     assert len(seen) == res.sent == res.events + res.duplicates
     assert res.duplicates > 0
     for body, sig in seen:
@@ -69,18 +74,18 @@ def test_retell_sdk_verifies_every_delivery_the_simulator_sends(recorder) -> Non
 def test_refusals_are_final_and_5xx_is_retried(recorder) -> None:
     url, seen, handler = recorder
     handler.answer = 503
-    res = asyncio.run(run(url, "k", calls=1, rate=0, duplicate_rate=0, seed=1, events=None, concurrency=4))
+    res = asyncio.run(run(url, "k", SimulationPlan(calls=1, rate=0, duplicate_rate=0, seed=1, concurrency=4)))
     assert res.failed == res.events and res.retries == 3 * res.events
     assert len(seen) == 4 * res.events  # first try and three retries, like Retell
     handler.answer = 401
     seen.clear()
-    res = asyncio.run(run(url, "k", calls=1, rate=0, duplicate_rate=0, seed=1))
+    res = asyncio.run(run(url, "k", SimulationPlan(calls=1, rate=0, duplicate_rate=0, seed=1)))
     assert len(seen) == res.events and res.retries == 0
 
 
 def test_duration_and_rate_bound_the_run(recorder) -> None:
     url, seen, _ = recorder
-    res = asyncio.run(run(url, "k", duration=1.5, rate=40, duplicate_rate=0, seed=2))
+    res = asyncio.run(run(url, "k", SimulationPlan(duration=1.5, rate=40, duplicate_rate=0, seed=2)))
     assert 40 <= res.events <= 62
     assert len(seen) == res.sent
 
@@ -130,3 +135,63 @@ def test_simulate_command_against_a_real_gateway(topics, gateway_service, servic
     assert sent == ok
     # Every 204 is one message: duplicates included, nothing else.
     assert sum(topic_counts(kafka_bootstrap, prefix).values()) == ok
+
+
+# -- the summary tells the truth; each run is new unless its seed is given -----------------------
+
+
+def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "RETELL_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "callstream", "simulate", "--url", url, "--key", "k", "--no-progress", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _ms(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    assert m, text
+    return float(m.group(1))
+
+
+def test_latency_is_the_servers_and_falling_behind_is_said(recorder) -> None:
+    url, seen, handler = recorder
+    handler.delay = 0.1  # the server's own response time
+    # Two deliveries in flight answered in 100 ms each: at most ~20/s, of 200/s asked.
+    proc = _cli(url, "--calls", "6", "--rate", "200", "--concurrency", "2", "--duplicates", "0", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    p50 = _ms(r"latency[^\n]*p50 ([\d.]+) ms", out)
+    assert 95 <= p50 < 150, out  # the server's delay, not the seconds the sender fell behind
+    asked = _ms(r"asked ([\d.]+)/s", out)
+    achieved = _ms(r"achieved ([\d.]+)/s", out)
+    assert asked == 200 and achieved < 40, out
+    assert "fell behind" in out, out
+    assert _ms(r"scheduling lag[^\n]*p50 ([\d.]+) ms", out) > 4 * p50, out
+    assert len(seen) > 20
+
+
+def _call_ids(seen: list[tuple[bytes, str]]) -> set[str]:
+    return {
+        str(b["call"]["call_id"] if "call" in b else b["chat"]["chat_id"])
+        for b in (orjson.loads(body) for body, _ in seen)
+    }
+
+
+def test_each_run_sends_new_calls_and_says_its_seed_unless_one_is_given(recorder) -> None:
+    url, seen, _ = recorder
+    runs = []
+    for args in ((), (), ("--seed", "7"), ("--seed", "7")):
+        seen.clear()
+        proc = _cli(url, "--calls", "4", "--rate", "0", *args)
+        assert proc.returncode == 0, proc.stderr
+        runs.append((_call_ids(seen), re.findall(r"seed (\d+)", proc.stdout + proc.stderr)))
+    (ids1, said1), (ids2, said2), (ids3, said3), (ids4, said4) = runs
+    assert ids1 and not ids1 & ids2  # a second run shows new calls
+    assert ids3 == ids4  # a given seed repeats the traffic
+    assert said1 and said2 and said1 != said2, runs  # and each run says the seed that repeats it
+    assert set(said3) == set(said4) == {"7"}
