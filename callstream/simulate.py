@@ -13,18 +13,19 @@ the lag of their schedule is reported on its own.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import queue
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
-from callstream.sim import sender
-from callstream.sim.feeder import INBOX_BATCHES, Feeder
+from callstream.sim.feeder import Feeder
 from callstream.sim.http1 import Target
 from callstream.sim.plan import SimulationPlan, fresh_seed
 from callstream.sim.result import SimulationResult
-from callstream.sim.sender import SENDER_RETRIES, SENDER_TIMEOUT_S, Batch, Job, Links
+from callstream.sim.sender import SENDER_RETRIES, SENDER_TIMEOUT_S, Job, Pipes
 from callstream.sim.traffic import schedule
 from kernel.errors import CallstreamError
 
@@ -47,88 +48,124 @@ class SimulationError(CallstreamError):
 
 
 @dataclass
-class _Senders:
-    """The sender processes and what they share with this one."""
+class _Child:
+    """A sender process and this end of its pipes."""
 
-    plan: SimulationPlan
-    links: list[Links]
-    procs: list[multiprocessing.process.BaseProcess]
+    proc: subprocess.Popen[bytes]
+    pipes: Pipes
+    result: SimulationResult | None = None
+    ready: bool = False
 
     @classmethod
-    def spawn(cls, plan: SimulationPlan, target: Target, key: str | None) -> _Senders:
-        # spawn, not fork: the caller may run threads (Kafka clients, a web server) that fork would copy.
-        ctx = multiprocessing.get_context("spawn")
-        ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-        start, progress = ctx.Value("d", 0.0), ctx.Value("q", 0)
-        links = [Links(ctx.Queue(INBOX_BATCHES), ready, results, go, start, progress) for _ in range(plan.processes)]
-        procs: list[multiprocessing.process.BaseProcess] = []
-        for i, link in enumerate(links):
-            job = Job(i, target, key, plan.concurrency_per_process, plan.duration)
-            p = ctx.Process(target=sender.main, args=(job, link), name=f"simulate-sender-{i}", daemon=True)
-            p.start()
-            procs.append(p)
-        return cls(plan, links, procs)
+    def start(cls, job: Job) -> _Child:
+        # A plain `python -m` child, not multiprocessing's: no fork of a caller's threads (Kafka
+        # clients, web servers), and no re-import of the caller's __main__.
+        ends = [os.pipe() for _ in range(3)]  # control and inbox (to the child), outbox (from it)
+        theirs = (ends[0][0], ends[1][0], ends[2][1])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "callstream.sim.sender", *map(str, theirs)],
+            pass_fds=theirs,
+            stdin=subprocess.DEVNULL,
+        )
+        for fd in theirs:
+            os.close(fd)
+        pipes = Pipes(
+            Connection(ends[0][1], readable=False),
+            Connection(ends[1][1], readable=False),
+            Connection(ends[2][0], writable=False),
+        )
+        pipes.control.send(job)
+        return cls(proc, pipes)
 
-    @property
-    def inboxes(self) -> list[multiprocessing.queues.Queue[Batch]]:
-        return [link.inbox for link in self.links]
+    def read(self, progress: Callable[[int], None] | None) -> None:
+        """Take in what the sender said since the last look."""
+        while self.result is None and self.pipes.outbox.poll():
+            kind, *rest = self.pipes.outbox.recv()
+            if kind == "ready":
+                self.ready = True
+            elif kind == "progress" and progress is not None:
+                progress(rest[0])
+            elif kind == "result":
+                self.result = rest[0]
 
-    def check(self, feeder: Feeder, done: set[int]) -> None:
+    def check(self, index: int) -> None:
+        if self.result is None and self.proc.poll() is not None:
+            raise SimulationError(f"sender process {index} exited with code {self.proc.returncode}")
+
+    def end(self) -> None:
+        """Stop the process (when it still runs) and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        for conn in (self.pipes.control, self.pipes.inbox, self.pipes.outbox):
+            conn.close()
+
+
+@dataclass
+class _Senders:
+    """The sender processes of one run."""
+
+    plan: SimulationPlan
+    children: list[_Child] = field(default_factory=list)
+
+    def spawn(self, target: Target, key: str | None) -> None:
+        for i in range(self.plan.processes):
+            self.children.append(
+                _Child.start(Job(i, target, key, self.plan.concurrency_per_process, self.plan.duration))
+            )
+
+    def _look(self, feeder: Feeder, progress: Callable[[int], None] | None = None) -> None:
+        for i, child in enumerate(self.children):
+            child.read(progress)
+            child.check(i)
         if feeder.error is not None:
             raise feeder.error
-        for i, p in enumerate(self.procs):
-            if i not in done and p.exitcode not in (None, 0):
-                raise SimulationError(f"sender process {i} exited with code {p.exitcode}")
 
     async def ready(self, feeder: Feeder) -> None:
         """Wait until every sender runs and has work: the run's clock starts after that."""
-        ready, deadline = 0, time.monotonic() + START_TIMEOUT_S
-        while ready < len(self.procs) or not feeder.primed.is_set():
-            self.check(feeder, set())
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (all(c.ready for c in self.children) and feeder.primed.is_set()):
+            self._look(feeder)
             if time.monotonic() > deadline:
                 raise SimulationError(f"the sender processes did not start in {START_TIMEOUT_S:.0f}s")
-            try:
-                self.links[0].ready.get_nowait()
-                ready += 1
-            except queue.Empty:
-                await asyncio.sleep(POLL_S)
+            await asyncio.sleep(POLL_S)
 
     def go(self) -> float:
-        link = self.links[0]
-        link.start.value = time.monotonic()
-        link.go.set()
-        return link.start.value
+        start = time.monotonic()  # one clock for every process on this machine
+        for child in self.children:
+            child.pipes.control.send(start)
+        return start
 
-    async def collect(self, feeder: Feeder, progress: Callable[[int], None] | None) -> SimulationResult:
+    async def collect(self, feeder: Feeder, start: float, progress: Callable[[int], None] | None) -> SimulationResult:
         """Wait for every sender's tally, stopping the feeder when the duration is over."""
         res = SimulationResult(rate=self.plan.rate, seed=self.plan.seed, processes=self.plan.processes)
-        start, done, shown = self.links[0].start.value, set[int](), 0
-        while len(done) < len(self.procs):
-            self.check(feeder, done)
+        while True:
+            self._look(feeder, progress)
+            if all(c.result is not None for c in self.children):
+                break
             if self.plan.duration is not None and time.monotonic() >= start + self.plan.duration:
                 feeder.stop.set()
-            try:
-                i, part = self.links[0].results.get_nowait()
-                res.add(part)
-                done.add(i)
-            except queue.Empty:
-                await asyncio.sleep(POLL_S)
-            shown = _show(self.links[0].progress.value, shown, progress)
+            await asyncio.sleep(POLL_S)
+        for child in self.children:
+            assert child.result is not None
+            res.add(child.result)
         return res
 
-    def close(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-            p.join(timeout=5)
-        for link in self.links:
-            link.inbox.cancel_join_thread()  # never wait at exit to hand batches to a sender that is gone
-
-
-def _show(written: int, shown: int, progress: Callable[[int], None] | None) -> int:
-    if progress is not None and written > shown:
-        progress(written - shown)
-    return written
+    def stop(self, feeder: Feeder | None) -> None:
+        """End the senders first, so that the feeder's pending write fails at once, then close the pipes."""
+        for child in self.children:
+            child.end()
+        if feeder is not None:
+            feeder.abandon.set()
+            feeder.join(timeout=5)
+        for child in self.children:
+            child.close()
 
 
 async def run(
@@ -137,13 +174,13 @@ async def run(
     """Send `plan`'s traffic to `url`, signed with `key` (unsigned when None); `progress(n)`: n more requests."""
     plan = plan or SimulationPlan()
     target = Target.from_url(url)
-    senders = _Senders.spawn(plan, target, key)
-    feeder = Feeder(plan, target, key, senders.inboxes)
+    senders = _Senders(plan)
+    feeder: Feeder | None = None
     try:
+        senders.spawn(target, key)
+        feeder = Feeder(plan, target, key, [c.pipes.inbox for c in senders.children])
         feeder.start()
         await senders.ready(feeder)
-        senders.go()
-        return await senders.collect(feeder, progress)
+        return await senders.collect(feeder, senders.go(), progress)
     finally:
-        feeder.abandon.set()
-        senders.close()
+        senders.stop(feeder)

@@ -1,15 +1,15 @@
 """The parent's feeding thread: makes the plan's deliveries and hands them to the sender processes.
 
-A call's deliveries all go to one sender, so they leave in order. The inboxes are bounded: the
-feeder stays a few seconds of traffic ahead and no more (signatures stay fresh, memory flat).
+A call's deliveries all go to one sender, so they leave in order. A sender takes a few batches
+ahead and the pipe blocks beyond that, so the feeder stays a little ahead of the schedule and no
+more (signatures stay fresh, memory flat).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import zlib
-from multiprocessing.queues import Queue
+from multiprocessing.connection import Connection
 
 from callstream.sim.http1 import Target
 from callstream.sim.plan import SimulationPlan
@@ -17,15 +17,14 @@ from callstream.sim.sender import Batch
 from callstream.sim.traffic import Delivery, deliveries
 
 BATCH = 64  # deliveries per message to a sender
-INBOX_BATCHES = 16  # messages a sender's inbox holds
 
 
 class Feeder(threading.Thread):
-    def __init__(self, plan: SimulationPlan, target: Target, key: str | None, inboxes: list[Queue[Batch]]) -> None:
+    def __init__(self, plan: SimulationPlan, target: Target, key: str | None, inboxes: list[Connection]) -> None:
         super().__init__(name="simulate-feeder", daemon=True)
         self.plan, self.target, self.key, self.inboxes = plan, target, key, inboxes
         self.stop = threading.Event()  # make no more deliveries (the duration ended)
-        self.abandon = threading.Event()  # give up on the senders altogether
+        self.abandon = threading.Event()  # the senders are being stopped: a broken pipe is no error
         self.primed = threading.Event()  # every sender has work, or there is no more
         self.error: BaseException | None = None
         self._fed = [0] * len(inboxes)
@@ -33,12 +32,13 @@ class Feeder(threading.Thread):
     def run(self) -> None:
         try:
             self._feed()
-        except BaseException as exc:  # handed to the parent, which raises it
-            self.error = exc
-        finally:
-            self.primed.set()
             for i in range(len(self.inboxes)):
                 self._put(i, None)
+        except BaseException as exc:  # handed to the parent, which raises it (unless it gave up already)
+            if not self.abandon.is_set():
+                self.error = exc
+        finally:
+            self.primed.set()
 
     def _feed(self) -> None:
         n = len(self.inboxes)
@@ -56,13 +56,7 @@ class Feeder(threading.Thread):
                 self._put(i, batch)
 
     def _put(self, i: int, batch: Batch) -> None:
-        while not self.abandon.is_set():
-            try:
-                self.inboxes[i].put(batch, timeout=0.2)
-            except queue.Full:
-                self.primed.set()  # a full inbox: every sender has had work by now, or is stuck
-                continue
-            self._fed[i] += 1
-            if all(self._fed):
-                self.primed.set()
-            return
+        self.inboxes[i].send(batch)
+        self._fed[i] += 1
+        if all(self._fed):
+            self.primed.set()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.queues import Queue
-from multiprocessing.sharedctypes import Synchronized
-from multiprocessing.synchronize import Event as MpEvent
+from multiprocessing.connection import Connection
 
 from callstream.sim.http1 import Pool, Target
 from callstream.sim.result import SimulationResult
@@ -29,29 +28,30 @@ SENDER_RETRIES = 3
 # A request signed longer ago than this is signed again before it goes out (the gateway allows 5 min).
 RESIGN_AFTER_MS = 60_000
 PROGRESS_EVERY_S = 0.2
+# Batches a sender holds besides the one being sent: the feeder stays this far ahead and no more.
+AHEAD_BATCHES = 4
 
 Batch = list[Delivery] | None  # None: no more deliveries
 
 
 @dataclass(frozen=True)
-class Links:
-    """What a sender process shares with the parent."""
-
-    inbox: Queue[Batch]
-    ready: Queue[int]
-    results: Queue[tuple[int, SimulationResult]]
-    go: MpEvent
-    start: Synchronized[float]  # time.monotonic() of the run's start (one clock for every process)
-    progress: Synchronized[int]  # requests written so far, all processes
-
-
-@dataclass(frozen=True)
 class Job:
+    """What a sender process is told first."""
+
     index: int
     target: Target
     key: str | None
     concurrency: int
     duration: float | None
+
+
+@dataclass(frozen=True)
+class Pipes:
+    """A sender's three pipes to the parent (multiprocessing connections over plain file descriptors)."""
+
+    control: Connection  # parent -> sender: the job, then the run's start (time.monotonic(), one clock)
+    inbox: Connection  # parent -> sender: batches of deliveries, then None
+    outbox: Connection  # sender -> parent: ("ready",), ("progress", n), ("result", SimulationResult)
 
 
 def _retryable(status: int) -> bool:
@@ -64,8 +64,8 @@ def _backoff(retry: int) -> float:
 
 
 class Sender:
-    def __init__(self, job: Job, links: Links) -> None:
-        self.job, self.links = job, links
+    def __init__(self, job: Job, pipes: Pipes) -> None:
+        self.job, self.pipes = job, pipes
         self.res = SimulationResult()
         self.pool = Pool(job.target, SENDER_TIMEOUT_S)
         self.slots = asyncio.Semaphore(job.concurrency)
@@ -74,10 +74,9 @@ class Sender:
         self.written = 0  # requests not yet added to the shared progress count
 
     async def run(self) -> SimulationResult:
-        inbox = _relay(self.links.inbox)
-        self.links.ready.put(self.job.index)
-        await asyncio.to_thread(self.links.go.wait)
-        self.start = self.links.start.value
+        inbox = _relay(self.pipes.inbox)
+        self.pipes.outbox.send(("ready",))
+        self.start = await asyncio.to_thread(self.pipes.control.recv)
         reporter = asyncio.create_task(self._report())
         try:
             await self._pace(inbox)
@@ -163,20 +162,20 @@ class Sender:
             self._flush_progress()
 
     def _flush_progress(self) -> None:
-        with self.links.progress.get_lock():
-            self.links.progress.value += self.written
+        if self.written:
+            self.pipes.outbox.send(("progress", self.written))
         self.written = 0
 
 
-def _relay(inbox: Queue[Batch]) -> asyncio.Queue[Batch]:
-    """The parent's batches, moved by a thread from the process queue onto the event loop."""
+def _relay(inbox: Connection) -> asyncio.Queue[Batch]:
+    """The parent's batches, moved by a thread from the pipe onto the event loop, a few at most."""
     loop = asyncio.get_running_loop()
-    out: asyncio.Queue[Batch] = asyncio.Queue()
+    out: asyncio.Queue[Batch] = asyncio.Queue(AHEAD_BATCHES)
 
     def pump() -> None:
         while True:
-            batch = inbox.get()
-            loop.call_soon_threadsafe(out.put_nowait, batch)
+            batch: Batch = inbox.recv()
+            asyncio.run_coroutine_threadsafe(out.put(batch), loop).result()
             if batch is None:
                 return
 
@@ -192,9 +191,21 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def main(job: Job, links: Links) -> None:
-    """A sender process's body: the parent stops it on Ctrl-C, so it ignores SIGINT itself."""
+def main(argv: list[str]) -> None:
+    """`python -m callstream.sim.sender CONTROL INBOX OUTBOX` (file descriptors the parent passed).
+
+    The parent stops a sender on Ctrl-C, so a sender ignores SIGINT; it ends when its pipes close.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control, inbox, outbox = (int(fd) for fd in argv)
+    pipes = Pipes(
+        Connection(control, writable=False), Connection(inbox, writable=False), Connection(outbox, readable=False)
+    )
+    job: Job = pipes.control.recv()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        res = runner.run(Sender(job, links).run())
-    links.results.put((job.index, res))
+        res = runner.run(Sender(job, pipes).run())
+    pipes.outbox.send(("result", res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

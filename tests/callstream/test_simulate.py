@@ -92,9 +92,29 @@ def test_duration_and_rate_bound_the_run(recorder) -> None:
 
 def test_summary_names_statuses_and_percentiles() -> None:
     res = SimulationResult(sent=4, events=4, latencies_ms=[1.0, 2.0, 3.0, 100.0], seconds=1.0)
-    res.statuses.update({204: 3, 503: 1})
+    res.statuses.update({204: 3, 503: 1, 0: 1})
     s = res.summary()
-    assert "204: 3, 503: 1" in s and "p50 3.0 ms" in s and "p99 100.0 ms" in s
+    assert "no answer: 1, 204: 3, 503: 1" in s and "p50 3.0 ms" in s and "p99 100.0 ms" in s
+    assert "as fast as possible: achieved 4/s" in s and "scheduling lag" not in s
+
+
+def test_summary_says_whether_the_rate_was_kept_and_by_how_much_not() -> None:
+    # 100 planned deliveries at 100/s: the last is due at 0.99 s.
+    kept = SimulationResult(events=100, rate=100, last_start=0.99, seconds=1.0, lags_ms=[0.1] * 100)
+    assert "rate: asked 100/s, achieved 100/s\n" in kept.summary() and not kept.fell_behind
+    late = SimulationResult(events=100, rate=100, last_start=1.99, seconds=2.0, lags_ms=[500.0] * 100)
+    assert "asked 100/s, achieved 50/s: fell behind by 50/s (50% short)" in late.summary()
+    assert "scheduling lag (delivery started after its planned time): p50 500.0 ms" in late.summary()
+    cut = SimulationResult(events=60, unsent=40, rate=100, last_start=0.99, seconds=1.0)
+    assert "achieved 60/s: fell behind by 40/s (40% short); 40 planned deliveries not sent" in cut.summary()
+
+
+def test_several_sender_processes_share_the_plan(recorder) -> None:
+    url, seen, _ = recorder
+    res = asyncio.run(run(url, "k", SimulationPlan(calls=30, rate=0, duplicate_rate=0.1, seed=4, processes=2)))
+    assert len(seen) == res.sent == res.events + res.duplicates and res.failed == 0
+    assert len(res.calls) + len(res.chats) == 30
+    assert "from 2 sender processes" in res.summary()
 
 
 @pytest.mark.kafka
