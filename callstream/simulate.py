@@ -115,10 +115,9 @@ class _Senders:
     children: list[_Child] = field(default_factory=list)
 
     def spawn(self, target: Target, key: str | None) -> None:
-        for i in range(self.plan.processes):
-            self.children.append(
-                _Child.start(Job(i, target, key, self.plan.concurrency_per_process, self.plan.duration))
-            )
+        job = Job(target, key, self.plan.concurrency_per_process, self.plan.duration)
+        for _ in range(self.plan.processes):
+            self.children.append(_Child.start(job))
 
     def _look(self, feeder: Feeder, progress: Callable[[int], None] | None = None) -> None:
         for i, child in enumerate(self.children):

@@ -87,8 +87,7 @@ class SimulationResult:
             + (f" from {self.processes} sender processes" if self.processes > 1 else "")
             + (f"; seed {self.seed}" if self.seed is not None else ""),
             f"  by status: {self._statuses()}; never acknowledged: {self.failed}",
-            f"  server latency (request written to response read): p50 {_ms(self.percentile(0.5))}, "
-            f"p95 {_ms(self.percentile(0.95))}, p99 {_ms(self.percentile(0.99))}",
+            f"  server latency (request written to response read): {self._latency()}",
             f"  rate: {self._rate()}",
         ]
         if self.rate > 0:
@@ -106,6 +105,11 @@ class SimulationResult:
         shares = ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in self.by_event.most_common())
         avg = self.body_bytes / self.planned / 1024 if self.planned else 0.0
         return f"{shares or 'nothing'}; bodies {avg:.1f} KB on average"
+
+    def _latency(self) -> str:
+        if not self.latencies_ms:
+            return "no answer to measure"
+        return f"p50 {_ms(self.percentile(0.5))}, p95 {_ms(self.percentile(0.95))}, p99 {_ms(self.percentile(0.99))}"
 
     def _statuses(self) -> str:
         named = {0: "no answer"}

@@ -38,7 +38,6 @@ Batch = list[Delivery] | None  # None: no more deliveries
 class Job:
     """What a sender process is told first."""
 
-    index: int
     target: Target
     key: str | None
     concurrency: int
@@ -71,7 +70,7 @@ class Sender:
         self.slots = asyncio.Semaphore(job.concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
         self.start = 0.0
-        self.written = 0  # requests not yet added to the shared progress count
+        self.written = 0  # requests not yet reported to the parent
 
     async def run(self) -> SimulationResult:
         inbox = _relay(self.pipes.inbox)

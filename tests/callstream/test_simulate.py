@@ -17,6 +17,7 @@ import orjson
 import pytest
 from retell.lib import webhook_auth
 
+from callstream.localkafka import free_port
 from callstream.simulate import SimulationPlan, SimulationResult, run
 from tests.support.kafka import topic_counts
 
@@ -215,3 +216,13 @@ def test_each_run_sends_new_calls_and_says_its_seed_unless_one_is_given(recorder
     assert ids3 == ids4  # a given seed repeats the traffic
     assert said1 and said2 and said1 != said2, runs  # and each run says the seed that repeats it
     assert set(said3) == set(said4) == {"7"}
+
+
+def test_no_gateway_is_retried_then_said_in_one_summary_and_a_failed_exit() -> None:
+    proc = _cli(f"http://127.0.0.1:{free_port()}/webhook", "--calls", "2", "--rate", "0")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        "no answer: " in proc.stdout and "server latency (request written to response read): no answer" in proc.stdout
+    )
+    bad = _cli("127.0.0.1:8000/webhook", "--calls", "1")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "not an http(s) URL" in bad.stderr
