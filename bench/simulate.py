@@ -173,6 +173,9 @@ def measure(stack: Stack, plan: SimulationPlan, warmup: float) -> Measured:
 def section(m: Measured, plan: SimulationPlan, workers: int) -> str:
     r = m.res
     lag = sorted(r.lags_ms)
+    # Little's law: with at most `concurrency` in flight, the rate cannot pass concurrency / latency.
+    mean = sum(r.latencies_ms) / max(1, len(r.latencies_ms))
+    cap = plan.concurrency / (mean / 1000) if mean else float("inf")
     ok = r.statuses.get(204, 0)
     topics = "OK" if m.on_topics >= ok else "MISSING MESSAGES"
     verdict = "kept" if not r.fell_behind else "fell behind"
@@ -190,6 +193,7 @@ def section(m: Measured, plan: SimulationPlan, workers: int) -> str:
             "| --- | --- |",
             f"| asked / achieved rate | {plan.rate:,.0f} / {r.achieved_rate:,.0f} deliveries/s ({verdict}) |",
             f"| sender processes, deliveries in flight at most | {plan.processes}, {plan.concurrency} |",
+            f"| what that cap allows at the mean server latency ({mean:.1f} ms) | {cap:,.0f} deliveries/s |",
             f"| deliveries (retries) in {r.seconds:.1f} s | {r.sent:,} ({r.retries}) |",
             f"| statuses | {dict(sorted(r.statuses.items()))} |",
             f"| server latency p50 / p95 / p99, as the simulator measured it | "
