@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse clean chromium
+.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate clean chromium
 
 $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
@@ -53,7 +53,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: bench-gateway bench-streams bench-warehouse
+bench: bench-gateway bench-streams bench-warehouse bench-simulate
 
 bench-gateway: $(STAMP)
 	$(BIN)/python -m bench.gateway $(BENCH_GATEWAY_ARGS)
@@ -64,6 +64,9 @@ bench-streams: $(STAMP)
 bench-warehouse: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.warehouse $(BENCH_ARGS)
+
+bench-simulate: $(STAMP)
+	$(BIN)/python -m bench.simulate $(BENCH_SIMULATE_ARGS)
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache

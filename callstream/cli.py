@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from pydantic import ValidationError
@@ -256,59 +257,86 @@ def _first_key() -> str | None:
 
 @main.command()
 @click.option("--url", default="http://127.0.0.1:8000/webhook", show_default=True, help="The gateway's webhook URL.")
-@click.option("--calls", default=200, show_default=True, help="Calls and chats to simulate (ignored with --duration).")
-@click.option(
-    "--duration", type=float, default=None, help="Run for this many seconds instead of a fixed number of calls."
-)
-@click.option("--rate", default=200.0, show_default=True, help="Deliveries per second (0: as fast as possible).")
-@click.option("--concurrency", default=64, show_default=True, help="Deliveries in flight at once.")
-@click.option(
-    "--duplicates", default=0.03, show_default=True, help="Share of events delivered twice (the sender's retries)."
-)
-@click.option("--reorder", default=0.02, show_default=True, help="Share of calls with two neighbouring events swapped.")
-@click.option("--agents", default=5, show_default=True, help="Distinct agents.")
-@click.option("--seed", default=1, show_default=True)
 @click.option(
     "--key", default=None, help="API key to sign with (default: the first of CALLSTREAM_API_KEYS or RETELL_API_KEY)."
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def simulate(
-    url: str,
-    calls: int,
-    duration: float | None,
-    rate: float,
-    concurrency: int,
-    duplicates: float,
-    reorder: float,
-    agents: int,
-    seed: int,
-    key: str | None,
-    no_progress: bool,
-) -> None:
-    """Realistic, signed webhook traffic against a gateway, at a given rate."""
+@click.option(
+    "--calls",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Calls and chats to simulate (ignored with --duration).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Run for this many seconds instead of a fixed number of calls.",
+)
+@click.option(
+    "--rate",
+    default=200.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Planned deliveries per second (0: as fast as possible).",
+)
+@click.option(
+    "--concurrency",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Deliveries in flight at once (over all sender processes).",
+)
+@click.option(
+    "--duplicates",
+    "duplicate_rate",
+    default=0.03,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of events delivered twice (the sender's retries).",
+)
+@click.option(
+    "--reorder",
+    "reorder_rate",
+    default=0.02,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of calls with two neighbouring events swapped.",
+)
+@click.option("--agents", default=5, show_default=True, type=click.IntRange(min=1), help="Distinct agents.")
+@click.option("--seed", type=int, default=None, help="Repeat the traffic of an earlier run (default: a fresh seed).")
+@click.option(
+    "--processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sender processes (more for higher rates).",
+)
+def simulate(url: str, key: str | None, no_progress: bool, **knobs: Any) -> None:
+    """Realistic, signed webhook traffic against a gateway, at a given rate.
+
+    Deliveries are made and signed ahead of time, and sender processes write them at their planned
+    time: the summary gives the server's latency (request written to response read), the asked and
+    achieved rate, and the sender's own scheduling lag when it fell behind. Each run sends new calls
+    unless --seed repeats an earlier run's.
+    """
     from tqdm import tqdm
 
-    from callstream.simulate import run
+    from callstream.simulate import SimulationPlan, fresh_seed, run
 
+    if knobs["seed"] is None:
+        knobs["seed"] = fresh_seed()
+    plan = SimulationPlan(**knobs)
     key = key or _first_key()
     if not key:
         click.echo("simulate: no API key (CALLSTREAM_API_KEYS / RETELL_API_KEY / --key); sending unsigned", err=True)
+    click.echo(f"simulate: seed {plan.seed} (--seed {plan.seed} sends the same calls again)", err=True)
     with tqdm(unit="req", disable=no_progress, file=sys.stderr, desc="simulate") as bar:
-        res = asyncio.run(
-            run(
-                url,
-                key,
-                calls=calls,
-                rate=rate,
-                duration=duration,
-                concurrency=concurrency,
-                duplicate_rate=duplicates,
-                reorder_rate=reorder,
-                seed=seed,
-                agents=agents,
-                progress=bar.update,
-            )
-        )
+        try:
+            res = asyncio.run(run(url, key, plan, progress=bar.update))
+        except CallstreamError as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(res.summary())
     if res.failed:
         sys.exit(1)
@@ -324,9 +352,16 @@ def simulate(
 @click.option(
     "--exit-after-summary", is_flag=True, help="Stop everything after the summary instead of waiting for Ctrl-C."
 )
+@click.option("--seed", type=int, default=None, help="Repeat the calls of an earlier run (default: a fresh seed).")
 @click.pass_context
 def up(
-    ctx: click.Context, calls: int, rate: float, gateway_port: int, web_port: int | None, exit_after_summary: bool
+    ctx: click.Context,
+    calls: int,
+    rate: float,
+    gateway_port: int,
+    web_port: int | None,
+    exit_after_summary: bool,
+    seed: int | None,
 ) -> None:
     """Everything on one machine for a first run: Kafka, gateway, worker, sink, and simulated calls.
 
@@ -337,5 +372,7 @@ def up(
     from streams.settings import WorkerSettings
 
     web_port = web_port or WorkerSettings().web_port
-    stack = Stack(calls=calls, rate=rate, gateway_port=gateway_port, web_port=web_port, log_level=ctx.obj["log_level"])
+    stack = Stack(
+        calls=calls, rate=rate, gateway_port=gateway_port, web_port=web_port, log_level=ctx.obj["log_level"], seed=seed
+    )
     stack.run(wait_forever=not exit_after_summary)

@@ -155,6 +155,52 @@ def _latency(rng: random.Random) -> dict[str, Any]:
     return {"e2e": block(900), "llm": block(450), "tts": block(180), "asr": block(120)}
 
 
+@dataclass(frozen=True, slots=True)
+class _Talk:
+    """What was said on a connected call: its turns, with and without tool calls."""
+
+    utterances: list[dict[str, Any]]
+    with_tools: list[dict[str, Any]]
+
+    @property
+    def duration_ms(self) -> int:
+        u = self.utterances
+        return int((u[-1]["words"][-1]["end"] + 1.5) * 1000) if u else 4000
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How a connected call ended, as its call_ended and call_analysis tell it."""
+
+    reason: str
+    sentiment: str
+    successful: bool = True
+    in_voicemail: bool = False
+    transfer_destination: str | None = None
+
+    def analysis(self) -> dict[str, Any]:
+        summary = (
+            "The caller booked a cleaning appointment for Thursday at two."
+            if self.successful
+            else "The caller's request was not resolved."
+        )
+        return {
+            "call_summary": summary,
+            "in_voicemail": self.in_voicemail,
+            "user_sentiment": self.sentiment,
+            "call_successful": self.successful,
+            "custom_analysis_data": {"appointment_booked": self.successful, "topic": "scheduling"},
+        }
+
+
+def _event(name: str, key: str, subject: str, obj: dict[str, Any], **extra: Any) -> Event:
+    return Event(name, key, {"event": name, subject: obj, **extra})
+
+
+def _now(now_ms: int | None) -> int:
+    return int(time.time() * 1000) if now_ms is None else now_ms
+
+
 class CallFactory:
     """Makes one call's (or chat's) events, in the order the platform sends them."""
 
@@ -172,17 +218,19 @@ class CallFactory:
     def events(self, scenario: str | None = None, now_ms: int | None = None, **overrides: Any) -> list[Event]:
         scenario = scenario or self.scenario()
         if scenario == "chat":
-            return self._chat(now_ms, **overrides)
-        return self._call(scenario, now_ms, **overrides)
+            return self._chat(_now(now_ms), overrides)
+        base = self._call_base(scenario, _now(now_ms), overrides)
+        if scenario == "failed_dial":
+            return self._failed_dial(base)
+        return self._connected(scenario, base)
 
     # -- calls --------------------------------------------------------------------------------
 
-    def _call(self, scenario: str, now_ms: int | None, **overrides: Any) -> list[Event]:
+    def _call_base(self, scenario: str, now: int, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The call object as registered: ids, agent, numbers (or a web call's token), storage setting."""
         rng = self.rng
-        now = int(time.time() * 1000) if now_ms is None else now_ms
-        connected = scenario not in ("failed_dial",)
-        web = scenario == "web_call"
         direction = rng.choice(("inbound", "outbound"))
+        web = scenario == "web_call"
         base: dict[str, Any] = {
             "call_id": "call_" + _id(rng, 28),
             "call_type": "web_call" if web else "phone_call",
@@ -205,117 +253,118 @@ class CallFactory:
             base["opt_out_sensitive_data_storage"] = True
             base["data_storage_setting"] = "basic_attributes_only"
         base.update(overrides)
+        return base
+
+    def _failed_dial(self, base: dict[str, Any]) -> list[Event]:
+        """A call that never connected: no call_started, an empty transcript, then its analysis."""
+        reason = self.rng.choice(FAILED_DIAL_REASONS)
+        ended = {
+            **base,
+            "call_status": "not_connected",
+            "end_timestamp": base["start_timestamp"] + 1500 + self.rng.randint(0, 20000),
+            "disconnection_reason": reason,
+            "duration_ms": 0,
+            "transcript": "",
+            "transcript_object": [],
+            "transcript_with_tool_calls": [],
+        }
+        ended["call_cost"] = self._cost(0)
+        analysis = {
+            "call_summary": "The call did not connect.",
+            "in_voicemail": False,
+            "user_sentiment": "Unknown",
+            "call_successful": False,
+            "custom_analysis_data": {},
+        }
         cid = base["call_id"]
-        out: list[Event] = []
+        return [
+            _event("call_ended", cid, "call", ended),
+            _event("call_analyzed", cid, "call", {**ended, "call_analysis": analysis}),
+        ]
 
-        if not connected:
-            reason = rng.choice(FAILED_DIAL_REASONS)
-            ended = {
-                **base,
-                "call_status": "not_connected",
-                "end_timestamp": now + 1500 + rng.randint(0, 20000),
-                "disconnection_reason": reason,
-                "duration_ms": 0,
-                "transcript": "",
-                "transcript_object": [],
-                "transcript_with_tool_calls": [],
-            }
-            ended["call_cost"] = self._cost(0)
-            out.append(Event("call_ended", cid, {"event": "call_ended", "call": ended}))
-            analysis = {
-                "call_summary": "The call did not connect.",
-                "in_voicemail": False,
-                "user_sentiment": "Unknown",
-                "call_successful": False,
-                "custom_analysis_data": {},
-            }
-            out.append(
-                Event("call_analyzed", cid, {"event": "call_analyzed", "call": {**ended, "call_analysis": analysis}})
-            )
-            return out
-
+    def _connected(self, scenario: str, base: dict[str, Any]) -> list[Event]:
+        cid = base["call_id"]
         started = {**base, "call_status": "ongoing"}
-        out.append(Event("call_started", cid, {"event": "call_started", "call": started}))
+        talk = self._talk(scenario)
+        out = [_event("call_started", cid, "call", started), *_transcript_updates(started, talk)]
+        outcome = self._outcome(scenario)
+        out += self._transfer(scenario, started, outcome)
+        ended = self._ended(scenario, started, talk, outcome)
+        out.append(_event("call_ended", cid, "call", ended))
+        out.append(_event("call_analyzed", cid, "call", {**ended, "call_analysis": outcome.analysis()}))
+        return out
+
+    def _talk(self, scenario: str) -> _Talk:
         lo, hi = self.turns
-        turns = 2 if scenario == "voicemail" else rng.randint(lo, hi)
+        turns = 2 if scenario == "voicemail" else self.rng.randint(lo, hi)
         if scenario == "error":
-            turns = rng.randint(1, 4)
-        utts = _utterances(rng, turns)
-        with_tools, _ = _with_tool_calls(rng, utts)
-        # transcript_updated repeats with a growing transcript (a few snapshots, the last one full).
-        for k in sorted({max(1, turns // 3), max(1, 2 * turns // 3), turns}):
-            part = utts[:k]
-            snap = {
-                **started,
-                "transcript": _text(part),
-                "transcript_object": part,
-                "transcript_with_tool_calls": [u for u in with_tools if u.get("role") in ("agent", "user")][:k],
-            }
-            out.append(Event("transcript_updated", cid, {"event": "transcript_updated", "call": snap}))
+            turns = self.rng.randint(1, 4)
+        utts = _utterances(self.rng, turns)
+        with_tools, _ = _with_tool_calls(self.rng, utts)
+        return _Talk(utts, with_tools)
 
-        duration = int((utts[-1]["words"][-1]["end"] + 1.5) * 1000) if utts else 4000
-        end = now + duration
-        reason = rng.choice(NORMAL_REASONS)
-        successful = True
-        sentiment = rng.choice(("Positive", "Positive", "Neutral"))
-        in_voicemail = False
+    def _outcome(self, scenario: str) -> _Outcome:
+        rng = self.rng
+        o = _Outcome(reason=rng.choice(NORMAL_REASONS), sentiment=rng.choice(("Positive", "Positive", "Neutral")))
         if scenario == "voicemail":
-            reason, successful, sentiment, in_voicemail = "voicemail_reached", False, "Unknown", True
+            o.reason, o.successful, o.sentiment, o.in_voicemail = "voicemail_reached", False, "Unknown", True
         elif scenario == "error":
-            reason, successful, sentiment = rng.choice(ERROR_REASONS), False, "Neutral"
+            o.reason, o.successful, o.sentiment = rng.choice(ERROR_REASONS), False, "Neutral"
         elif scenario == "unsuccessful":
-            successful, sentiment = False, "Negative"
-        elif scenario in ("transfer_bridged", "transfer_cancelled"):
-            dest = {"number": _phone(rng), "extension": str(rng.randint(100, 999))}
-            opt = {"type": "warm_transfer", "showTransfereeAsCaller": True, "agentDetectionTimeoutMs": 15000}
-            xfer = {**started, "transfer_destination": dest["number"]}
-            extra = {"transfer_destination": dest, "transfer_option": opt}
-            out.append(Event("transfer_started", cid, {"event": "transfer_started", "call": xfer, **extra}))
-            if scenario == "transfer_bridged":
-                out.append(Event("transfer_bridged", cid, {"event": "transfer_bridged", "call": xfer, **extra}))
-                out.append(Event("transfer_ended", cid, {"event": "transfer_ended", "call": xfer}))
-                reason = "call_transfer"
-            else:
-                out.append(Event("transfer_cancelled", cid, {"event": "transfer_cancelled", "call": xfer, **extra}))
-                reason, successful, sentiment = "transfer_cancelled", False, "Negative"
+            o.successful, o.sentiment = False, "Negative"
+        elif scenario == "transfer_bridged":
+            o.reason = "call_transfer"
+        elif scenario == "transfer_cancelled":
+            o.reason, o.successful, o.sentiment = "transfer_cancelled", False, "Negative"
+        return o
 
+    def _transfer(self, scenario: str, started: dict[str, Any], outcome: _Outcome) -> list[Event]:
+        """The transfer_* events of a transferred call (none for other calls)."""
+        if scenario not in ("transfer_bridged", "transfer_cancelled"):
+            return []
+        dest = {"number": _phone(self.rng), "extension": str(self.rng.randint(100, 999))}
+        outcome.transfer_destination = dest["number"]
+        opt = {"type": "warm_transfer", "showTransfereeAsCaller": True, "agentDetectionTimeoutMs": 15000}
+        xfer = {**started, "transfer_destination": dest["number"]}
+        extra = {"transfer_destination": dest, "transfer_option": opt}
+        cid = started["call_id"]
+        out = [_event("transfer_started", cid, "call", xfer, **extra)]
+        if scenario == "transfer_bridged":
+            out.append(_event("transfer_bridged", cid, "call", xfer, **extra))
+            out.append(_event("transfer_ended", cid, "call", xfer))
+        else:
+            out.append(_event("transfer_cancelled", cid, "call", xfer, **extra))
+        return out
+
+    def _ended(self, scenario: str, started: dict[str, Any], talk: _Talk, outcome: _Outcome) -> dict[str, Any]:
+        """The call object of call_ended: the full transcript, latency, cost and token usage."""
+        cid = started["call_id"]
+        duration = talk.duration_ms
+        end = started["start_timestamp"] + duration
         ended = {
             **started,
             "call_status": "error" if scenario == "error" else "ended",
             "end_timestamp": end,
             "duration_ms": duration,
-            "disconnection_reason": reason,
-            "transcript": _text(utts),
-            "transcript_object": utts,
-            "transcript_with_tool_calls": with_tools,
+            "disconnection_reason": outcome.reason,
+            "transcript": _text(talk.utterances),
+            "transcript_object": talk.utterances,
+            "transcript_with_tool_calls": talk.with_tools,
             "recording_url": f"https://recordings.example.com/{cid}.wav",
             "public_log_url": f"https://logs.example.com/{cid}.txt",
-            "latency": _latency(rng),
+            "latency": _latency(self.rng),
             "call_cost": self._cost(duration),
             "llm_token_usage": {
                 "average": 1800.0,
-                "num_requests": float(turns // 2 + 1),
+                "num_requests": float(len(talk.utterances) // 2 + 1),
                 "values": [1700.0, 1800.0, 1900.0],
             },
             "collected_dynamic_variables": {"appointment": "2026-12-01T14:00"},
         }
-        if scenario in ("transfer_bridged", "transfer_cancelled"):
-            ended["transfer_destination"] = xfer["transfer_destination"]
+        if outcome.transfer_destination is not None:
+            ended["transfer_destination"] = outcome.transfer_destination
             ended["transfer_end_timestamp"] = end
-        out.append(Event("call_ended", cid, {"event": "call_ended", "call": ended}))
-        analysis = {
-            "call_summary": "The caller booked a cleaning appointment for Thursday at two."
-            if successful
-            else "The caller's request was not resolved.",
-            "in_voicemail": in_voicemail,
-            "user_sentiment": sentiment,
-            "call_successful": successful,
-            "custom_analysis_data": {"appointment_booked": successful, "topic": "scheduling"},
-        }
-        out.append(
-            Event("call_analyzed", cid, {"event": "call_analyzed", "call": {**ended, "call_analysis": analysis}})
-        )
-        return out
+        return ended
 
     def _cost(self, duration_ms: int) -> dict[str, Any]:
         secs = duration_ms / 1000
@@ -333,9 +382,8 @@ class CallFactory:
 
     # -- chats --------------------------------------------------------------------------------
 
-    def _chat(self, now_ms: int | None, **overrides: Any) -> list[Event]:
+    def _chat(self, now: int, overrides: dict[str, Any]) -> list[Event]:
         rng = self.rng
-        now = int(time.time() * 1000) if now_ms is None else now_ms
         base: dict[str, Any] = {
             "chat_id": "chat_" + _id(rng, 28),
             "agent_id": rng.choice(self.fleet.agent_ids),
@@ -347,7 +395,32 @@ class CallFactory:
             "version": 1,
         }
         base.update(overrides)
+        msgs = self._messages(now)
+        successful = rng.random() < 0.8
+        cost = round(len(msgs) * 0.2, 3)
+        ended = {
+            **base,
+            "chat_status": "ended",
+            "end_timestamp": msgs[-1]["created_timestamp"],
+            "transcript": _text(msgs),
+            "message_with_tool_calls": msgs,
+            "chat_cost": {"combined_cost": cost, "product_costs": [{"product": "gpt_4o_mini", "cost": cost}]},
+        }
+        analysis = {
+            "chat_summary": "The user asked about an appointment.",
+            "chat_successful": successful,
+            "user_sentiment": "Positive" if successful else "Negative",
+            "custom_analysis_data": {},
+        }
         cid = base["chat_id"]
+        return [
+            _event("chat_started", cid, "chat", base),
+            _event("chat_ended", cid, "chat", ended),
+            _event("chat_analyzed", cid, "chat", {**ended, "chat_analysis": analysis}),
+        ]
+
+    def _messages(self, now: int) -> list[dict[str, Any]]:
+        rng = self.rng
         msgs = []
         t = now
         for i in range(rng.randint(4, 10)):
@@ -361,29 +434,24 @@ class CallFactory:
                     "content": rng.choice(_AGENT_LINES if role == "agent" else _USER_LINES),
                 }
             )
-        successful = rng.random() < 0.8
-        ended = {
-            **base,
-            "chat_status": "ended",
-            "end_timestamp": t,
-            "transcript": _text(msgs),
-            "message_with_tool_calls": msgs,
-            "chat_cost": {
-                "combined_cost": round(len(msgs) * 0.2, 3),
-                "product_costs": [{"product": "gpt_4o_mini", "cost": round(len(msgs) * 0.2, 3)}],
-            },
+        return msgs
+
+
+def _transcript_updates(started: dict[str, Any], talk: _Talk) -> list[Event]:
+    """transcript_updated repeats with a growing transcript: a few snapshots, the last one full."""
+    utts, turns = talk.utterances, len(talk.utterances)
+    spoken = [u for u in talk.with_tools if u.get("role") in ("agent", "user")]
+    out = []
+    for k in sorted({max(1, turns // 3), max(1, 2 * turns // 3), turns}):
+        part = utts[:k]
+        snap = {
+            **started,
+            "transcript": _text(part),
+            "transcript_object": part,
+            "transcript_with_tool_calls": spoken[:k],
         }
-        analysis = {
-            "chat_summary": "The user asked about an appointment.",
-            "chat_successful": successful,
-            "user_sentiment": "Positive" if successful else "Negative",
-            "custom_analysis_data": {},
-        }
-        return [
-            Event("chat_started", cid, {"event": "chat_started", "chat": base}),
-            Event("chat_ended", cid, {"event": "chat_ended", "chat": ended}),
-            Event("chat_analyzed", cid, {"event": "chat_analyzed", "chat": {**ended, "chat_analysis": analysis}}),
-        ]
+        out.append(_event("transcript_updated", started["call_id"], "call", snap))
+    return out
 
 
 def _text(utts: list[dict[str, Any]]) -> str:

@@ -4,171 +4,182 @@ Like Retell's sender it fires each call's events in order without waiting on the
 gives each delivery 10 s, retries a failed one up to 3 times, and sometimes delivers the same
 event twice. Calls overlap, so events of many calls interleave, and a small share of a call's
 neighbouring events are swapped (reordering on the way).
+
+This process makes and signs the deliveries on a thread; sender processes only write them at
+their due time and read the answers, so the latency they report is the server's response time and
+the lag of their schedule is reported on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import os
+import subprocess
+import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
-import httpx
+from callstream.sim.feeder import Feeder
+from callstream.sim.http1 import Target
+from callstream.sim.plan import SimulationPlan, fresh_seed
+from callstream.sim.result import SimulationResult
+from callstream.sim.sender import SENDER_RETRIES, SENDER_TIMEOUT_S, Job, Pipes
+from callstream.sim.traffic import schedule
+from kernel.errors import CallstreamError
 
-from callstream.fakecalls import CallFactory, Event, Fleet
-from kernel.signature import sign
+__all__ = [
+    "SENDER_RETRIES",
+    "SENDER_TIMEOUT_S",
+    "SimulationPlan",
+    "SimulationResult",
+    "fresh_seed",
+    "run",
+    "schedule",
+]
 
-SENDER_TIMEOUT_S = 10.0
-SENDER_RETRIES = 3
+START_TIMEOUT_S = 60.0
+POLL_S = 0.05
+
+
+class SimulationError(CallstreamError):
+    """A sender process died or never started."""
 
 
 @dataclass
-class SimulationResult:
-    sent: int = 0  # deliveries attempted (first tries and retries)
-    events: int = 0  # distinct events
-    statuses: Counter[int] = field(default_factory=Counter)
-    duplicates: int = 0
-    retries: int = 0
-    failed: int = 0  # events never acknowledged after every retry
-    latencies_ms: list[float] = field(default_factory=list)
-    calls: set[str] = field(default_factory=set)
-    chats: set[str] = field(default_factory=set)
-    by_event: Counter[str] = field(default_factory=Counter)
-    accepted_by_event: Counter[str] = field(default_factory=Counter)  # events answered 2xx (duplicates not counted)
-    accepted: list[Event] = field(default_factory=list)
-    seconds: float = 0.0
+class _Child:
+    """A sender process and this end of its pipes."""
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
-            return 0.0
-        xs = sorted(self.latencies_ms)
-        return xs[min(len(xs) - 1, int(q * len(xs)))]
+    proc: subprocess.Popen[bytes]
+    pipes: Pipes
+    result: SimulationResult | None = None
+    ready: bool = False
 
-    def summary(self) -> str:
-        by_status = ", ".join(f"{s}: {n}" for s, n in sorted(self.statuses.items())) or "none"
-        rate = self.sent / self.seconds if self.seconds else 0.0
-        return (
-            f"sent {self.sent} deliveries ({self.events} events of {len(self.calls)} calls and "
-            f"{len(self.chats)} chats; {self.duplicates} duplicate deliveries, {self.retries} retries) "
-            f"in {self.seconds:.1f}s ({rate:.0f}/s)\n"
-            f"  by status: {by_status}; never acknowledged: {self.failed}\n"
-            f"  latency p50 {self.percentile(0.5):.1f} ms, p95 {self.percentile(0.95):.1f} ms, "
-            f"p99 {self.percentile(0.99):.1f} ms"
+    @classmethod
+    def start(cls, job: Job) -> _Child:
+        # A plain `python -m` child, not multiprocessing's: no fork of a caller's threads (Kafka
+        # clients, web servers), and no re-import of the caller's __main__.
+        ends = [os.pipe() for _ in range(3)]  # control and inbox (to the child), outbox (from it)
+        theirs = (ends[0][0], ends[1][0], ends[2][1])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "callstream.sim.sender", *map(str, theirs)],
+            pass_fds=theirs,
+            stdin=subprocess.DEVNULL,
         )
+        for fd in theirs:
+            os.close(fd)
+        pipes = Pipes(
+            Connection(ends[0][1], readable=False),
+            Connection(ends[1][1], readable=False),
+            Connection(ends[2][0], writable=False),
+        )
+        pipes.control.send(job)
+        return cls(proc, pipes)
+
+    def read(self, progress: Callable[[int], None] | None) -> None:
+        """Take in what the sender said since the last look."""
+        while self.result is None and self.pipes.outbox.poll():
+            kind, *rest = self.pipes.outbox.recv()
+            if kind == "ready":
+                self.ready = True
+            elif kind == "progress" and progress is not None:
+                progress(rest[0])
+            elif kind == "result":
+                self.result = rest[0]
+
+    def check(self, index: int) -> None:
+        if self.result is None and self.proc.poll() is not None:
+            raise SimulationError(f"sender process {index} exited with code {self.proc.returncode}")
+
+    def end(self) -> None:
+        """Stop the process (when it still runs) and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        for conn in (self.pipes.control, self.pipes.inbox, self.pipes.outbox):
+            conn.close()
 
 
-def schedule(
-    factory: CallFactory,
-    calls: int,
-    overlap: int = 20,
-    reorder: float = 0.02,
-    rng: random.Random | None = None,
-) -> Iterator[Event]:
-    """Events of `calls` calls and chats, `overlap` in progress at once, interleaved in send order."""
-    rng = rng or random.Random(0)
-    pending = calls
-    active: list[list[Event]] = []
-    while pending or active:
-        while pending and len(active) < overlap:
-            evs = factory.events()
-            if len(evs) > 1 and rng.random() < reorder:
-                i = rng.randrange(len(evs) - 1)
-                evs[i], evs[i + 1] = evs[i + 1], evs[i]
-            active.append(evs)
-            pending -= 1
-        i = rng.randrange(len(active))
-        yield active[i].pop(0)
-        if not active[i]:
-            active.pop(i)
+@dataclass
+class _Senders:
+    """The sender processes of one run."""
+
+    plan: SimulationPlan
+    children: list[_Child] = field(default_factory=list)
+
+    def spawn(self, target: Target, key: str | None) -> None:
+        job = Job(target, key, self.plan.concurrency_per_process, self.plan.duration)
+        for _ in range(self.plan.processes):
+            self.children.append(_Child.start(job))
+
+    def _look(self, feeder: Feeder, progress: Callable[[int], None] | None = None) -> None:
+        for i, child in enumerate(self.children):
+            child.read(progress)
+            child.check(i)
+        if feeder.error is not None:
+            raise feeder.error
+
+    async def ready(self, feeder: Feeder) -> None:
+        """Wait until every sender runs and has work: the run's clock starts after that."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (all(c.ready for c in self.children) and feeder.primed.is_set()):
+            self._look(feeder)
+            if time.monotonic() > deadline:
+                raise SimulationError(f"the sender processes did not start in {START_TIMEOUT_S:.0f}s")
+            await asyncio.sleep(POLL_S)
+
+    def go(self) -> float:
+        start = time.monotonic()  # one clock for every process on this machine
+        for child in self.children:
+            child.pipes.control.send(start)
+        return start
+
+    async def collect(self, feeder: Feeder, start: float, progress: Callable[[int], None] | None) -> SimulationResult:
+        """Wait for every sender's tally, stopping the feeder when the duration is over."""
+        res = SimulationResult(rate=self.plan.rate, seed=self.plan.seed, processes=self.plan.processes)
+        while True:
+            self._look(feeder, progress)
+            if all(c.result is not None for c in self.children):
+                break
+            if self.plan.duration is not None and time.monotonic() >= start + self.plan.duration:
+                feeder.stop.set()
+            await asyncio.sleep(POLL_S)
+        for child in self.children:
+            assert child.result is not None
+            res.add(child.result)
+        return res
+
+    def stop(self, feeder: Feeder | None) -> None:
+        """End the senders first, so that the feeder's pending write fails at once, then close the pipes."""
+        for child in self.children:
+            child.end()
+        if feeder is not None:
+            feeder.abandon.set()
+            feeder.join(timeout=5)
+        for child in self.children:
+            child.close()
 
 
 async def run(
-    url: str,
-    key: str | None,
-    calls: int = 200,
-    rate: float = 200.0,
-    duration: float | None = None,
-    concurrency: int = 64,
-    duplicate_rate: float = 0.03,
-    reorder_rate: float = 0.02,
-    seed: int = 1,
-    agents: int = 5,
-    progress: Callable[[int], None] | None = None,
-    keep_accepted: bool = False,
-    events: list[Event] | None = None,
+    url: str, key: str | None, plan: SimulationPlan | None = None, progress: Callable[[int], None] | None = None
 ) -> SimulationResult:
-    """Send traffic to `url` at about `rate` deliveries/s; stop after `calls` calls or `duration` s."""
-    rng = random.Random(seed)
-    factory = CallFactory(Fleet(seed=seed, agents=agents), seed=seed)
-    source: Iterator[Event] = (
-        iter(events)
-        if events is not None
-        else schedule(factory, calls if duration is None else 10**9, reorder=reorder_rate, rng=rng)
-    )
-    res = SimulationResult()
-    sem = asyncio.Semaphore(concurrency)
-    started = time.monotonic()
-    interval = 1.0 / rate if rate > 0 else 0.0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(timeout=SENDER_TIMEOUT_S, limits=limits) as client:
-
-        async def deliver(ev: Event, body: bytes) -> bool:
-            for attempt in range(SENDER_RETRIES + 1):
-                headers = {"content-type": "application/json"}
-                if key:
-                    headers["x-retell-signature"] = sign(body, key)
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, content=body, headers=headers)
-                    status = r.status_code
-                except httpx.HTTPError:
-                    status = 0
-                res.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                res.sent += 1
-                res.statuses[status] += 1
-                if progress:
-                    progress(1)
-                if 200 <= status < 300:
-                    if keep_accepted:
-                        res.accepted.append(ev)
-                    return True
-                if status not in (0, 408, 429) and status < 500:
-                    return False  # a 4xx is final: the sender does not retry a refusal
-                res.retries += 1 if attempt < SENDER_RETRIES else 0
-                await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
-            res.failed += 1
-            return False
-
-        async def one(ev: Event) -> None:
-            try:
-                body = ev.body()
-                if await deliver(ev, body):
-                    res.accepted_by_event[ev.event] += 1
-                if rng.random() < duplicate_rate:
-                    res.duplicates += 1
-                    await deliver(ev, body)
-            finally:
-                sem.release()
-
-        tasks: set[asyncio.Task[None]] = set()
-        for n, ev in enumerate(source):
-            if duration is not None and time.monotonic() - started >= duration:
-                break
-            if interval:
-                wait = started + n * interval - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            await sem.acquire()
-            res.events += 1
-            res.by_event[ev.event] += 1
-            (res.chats if ev.event.startswith("chat_") else res.calls).add(ev.key)
-            t = asyncio.create_task(one(ev))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-    res.seconds = time.monotonic() - started
-    return res
+    """Send `plan`'s traffic to `url`, signed with `key` (unsigned when None); `progress(n)`: n more requests."""
+    plan = plan or SimulationPlan()
+    target = Target.from_url(url)
+    senders = _Senders(plan)
+    feeder: Feeder | None = None
+    try:
+        senders.spawn(target, key)
+        feeder = Feeder(plan, target, key, [c.pipes.inbox for c in senders.children])
+        feeder.start()
+        await senders.ready(feeder)
+        return await senders.collect(feeder, senders.go(), progress)
+    finally:
+        senders.stop(feeder)

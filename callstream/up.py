@@ -28,6 +28,7 @@ from callstream.localkafka import LocalKafka, broker_answers
 from callstream.ports import require_free
 from callstream.procs import Process
 from callstream.procs import callstream as start_callstream
+from callstream.simulate import SimulationPlan
 from callstream.simulate import run as simulate
 from kernel.errors import CallstreamError
 from kernel.settings import CommonSettings
@@ -62,6 +63,7 @@ class Stack:
     gateway_port: int = 8000
     web_port: int = 6066
     log_level: str = "INFO"
+    seed: int | None = None  # None: a fresh seed, so that every run sends new calls
     say: Callable[[str], None] = _print
     procs: dict[str, Process] = field(default_factory=dict)
     kafka: LocalKafka | None = None
@@ -116,9 +118,10 @@ class Stack:
                 self._tell(
                     f"Gateway, worker and sink are up (logs in {logs.resolve()}). Sending {self.calls} calls ..."
                 )
-                res = asyncio.run(
-                    simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key, calls=self.calls, rate=self.rate)
-                )
+                seed = {} if self.seed is None else {"seed": self.seed}
+                plan = SimulationPlan(calls=self.calls, rate=self.rate, **seed)
+                self._tell(f"Simulator seed {plan.seed} (`callstream up --seed {plan.seed}` repeats these calls).")
+                res = asyncio.run(simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key, plan))
                 self._tell(res.summary())
                 # Each call has one call_analyzed event, so this counts the calls the sink must load.
                 self._summary(res.statuses.get(204, 0), res.accepted_by_event["call_analyzed"])

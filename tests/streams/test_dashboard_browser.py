@@ -13,6 +13,7 @@ import pytest
 
 from callstream.localkafka import free_port
 from callstream.procs import Process
+from callstream.simulate import SimulationPlan
 from callstream.simulate import run as simulate
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ def test_dashboard_updates_live(
             with ThreadPoolExecutor(1) as pool:
                 res = pool.submit(
                     asyncio.run,
-                    simulate(f"{gateway_service.url}/webhook", api_key, calls=40, rate=300, seed=4, agents=2),
+                    simulate(
+                        f"{gateway_service.url}/webhook", api_key, SimulationPlan(calls=40, rate=300, seed=4, agents=2)
+                    ),
                 ).result()
             assert res.failed == 0
             want = str(len(res.calls))

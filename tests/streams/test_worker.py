@@ -19,7 +19,7 @@ import pytest
 from callstream.fakecalls import CallFactory, Event, Fleet
 from callstream.localkafka import free_port
 from callstream.procs import Process, ProcessFailed
-from callstream.simulate import SimulationResult
+from callstream.simulate import SimulationPlan, SimulationResult
 from callstream.simulate import run as simulate
 from kernel.signature import sign
 from streams.metrics import exact_quantile
@@ -216,7 +216,11 @@ def _seen(m: Json) -> int:
 
 def _simulate(gateway: Process, key: str, calls: int, seed: int, rate: float = 150.0) -> SimulationResult:
     return asyncio.run(
-        simulate(f"{gateway.url}/webhook", key, calls=calls, rate=rate, duplicate_rate=0.1, seed=seed, agents=3)
+        simulate(
+            f"{gateway.url}/webhook",
+            key,
+            SimulationPlan(calls=calls, rate=rate, duplicate_rate=0.1, seed=seed, agents=3),
+        )
     )
 
 
