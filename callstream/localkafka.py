@@ -295,7 +295,7 @@ class LocalKafka:
         format_log = self.log_dir / "storage-format.log"
         with open(format_log, "wb") as out:
             proc = subprocess.run(
-                self._java_cmd(java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                self._java_cmd(java, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props)),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 check=False,
