@@ -292,10 +292,11 @@ class LocalKafka:
             return
         # StorageTool wants a cluster id in Kafka's form: a UUID as url-safe base64 without padding.
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = ("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props))
         format_log = self.log_dir / "storage-format.log"
         with open(format_log, "wb") as out:
             proc = subprocess.run(
-                self._java_cmd(java, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props)),
+                self._java_cmd(java, *fmt),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 check=False,
