@@ -2,11 +2,11 @@
 
 It reads every event topic of a prefix from the start (one StreamingDataFrame, the topics
 concatenated, so one call's events share one state store), decodes each body with the worker's
-decoder, keeps per call which lifecycle events were counted and whether its outcome was (RocksDB
-state with its changelog topic, quixstreams' defaults), and adds to per-agent calls_started /
-calls_ended / calls_analyzed / failed / calls_successful held in memory. "failed" follows the
-worker: a call that did not connect or ended on an error, counted once from whichever of
-call_ended / call_analyzed comes first.
+decoder (with --json: quixstreams' own JSON deserializer), keeps per call which lifecycle events
+were counted and whether its outcome was (RocksDB state with its changelog topic, quixstreams'
+defaults), and adds to per-agent calls_started / calls_ended / calls_analyzed / failed /
+calls_successful held in memory. "failed" follows the worker: a call that did not connect or
+ended on an error, counted once from whichever of call_ended / call_analyzed comes first.
 
 Stops after `--messages` messages and prints one JSON line: messages/s and CPU µs per message from
 the first message to the last, and the totals.
@@ -20,7 +20,7 @@ import logging
 import time
 from collections import defaultdict
 from functools import reduce
-from typing import Any
+from typing import Any, NamedTuple
 
 from quixstreams import Application, State
 
@@ -31,6 +31,26 @@ from streams.calls import SubjectFields, decode_body
 _BIT: dict[str, int] = {EventName.CALL_STARTED: 1, EventName.CALL_ENDED: 2, EventName.CALL_ANALYZED: 4}
 _COUNTER = {1: "calls_started", 2: "calls_ended", 4: "calls_analyzed"}
 _NO_CALL = SubjectFields()
+
+
+class _Call(NamedTuple):
+    """The call fields the totals need."""
+
+    agent_id: str | None
+    reason: str | None
+    status: str | None
+    successful: bool | None
+
+    @classmethod
+    def of(cls, call: SubjectFields) -> _Call:
+        analysis = call.call_analysis
+        ok = analysis.call_successful if analysis is not None else None
+        return cls(call.agent_id, call.disconnection_reason, call.call_status, ok)
+
+    @classmethod
+    def of_dict(cls, call: dict[str, Any]) -> _Call:
+        ok = (call.get("call_analysis") or {}).get("call_successful")
+        return cls(call.get("agent_id"), call.get("disconnection_reason"), call.get("call_status"), ok)
 
 
 class Counting:
@@ -44,11 +64,16 @@ class Counting:
         self.t0 = self.t1 = self.c0 = self.c1 = 0.0
         self.totals: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def __call__(self, value: bytes, state: State[str, Any]) -> None:
-        body = decode_body(value)
-        bit = _BIT.get(body.event)
-        if bit is not None:
-            self._count(bit, body.call or _NO_CALL, state)
+    def __call__(self, value: bytes | dict[str, Any], state: State[str, Any]) -> None:
+        if isinstance(value, bytes):
+            body = decode_body(value)
+            bit = _BIT.get(body.event)
+            if bit is not None:
+                self._count(bit, _Call.of(body.call or _NO_CALL), state)
+        else:  # --json: quixstreams' own JSON deserializer gave the whole body as a dict
+            bit = _BIT.get(value.get("event") or "")
+            if bit is not None:
+                self._count(bit, _Call.of_dict(value.get("call") or {}), state)
         self.seen += 1
         if self.seen == 1:
             self.t0, self.c0 = time.perf_counter(), time.process_time()
@@ -56,7 +81,7 @@ class Counting:
             self.t1, self.c1 = time.perf_counter(), time.process_time()
             self.app.stop()
 
-    def _count(self, bit: int, call: SubjectFields, state: State[str, Any]) -> None:
+    def _count(self, bit: int, call: _Call, state: State[str, Any]) -> None:
         saved = state.get("s")
         seen, outcome, agent = saved if saved else (0, 0, call.agent_id or "unknown")
         if seen & bit:
@@ -66,12 +91,11 @@ class Counting:
         totals[_COUNTER[bit]] += 1
         if bit != 1 and not outcome:
             outcome = 1
-            reason = call.disconnection_reason or "unknown"
+            reason = call.reason or "unknown"
             rules = self.rules
-            if rules.is_failed_dial(reason) or call.call_status == "not_connected" or rules.is_error(reason):
+            if rules.is_failed_dial(reason) or call.status == "not_connected" or rules.is_error(reason):
                 totals["failed"] += 1
-        analysis = call.call_analysis
-        if bit == 4 and analysis is not None and analysis.call_successful is True:
+        if bit == 4 and call.successful is True:
             totals["calls_successful"] += 1
         state.set("s", [seen, outcome, agent])
 
@@ -94,6 +118,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, required=True, help="stop after this many messages")
     ap.add_argument("--poll-timeout", type=float, default=1.0, help="quixstreams' consumer_poll_timeout")
     ap.add_argument("--state-dir", required=True)
+    ap.add_argument("--json", action="store_true", help="quixstreams' JSON deserializer instead of bytes + decode_body")
     ap.add_argument(
         "--consumer-config", action="append", default=[], metavar="KEY=VALUE", help="extra librdkafka consumer setting"
     )
@@ -109,7 +134,11 @@ def main() -> None:
         loglevel=logging.WARNING,
     )
     frames = [
-        app.dataframe(app.topic(topic(args.prefix, e), value_deserializer="bytes", key_deserializer="bytes"))
+        app.dataframe(
+            app.topic(
+                topic(args.prefix, e), value_deserializer="json" if args.json else "bytes", key_deserializer="bytes"
+            )
+        )
         for e in EVENT_NAMES
     ]
     merged = reduce(lambda a, b: a.concat(b), frames)
