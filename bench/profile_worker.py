@@ -33,10 +33,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import msgspec
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from bench.report import machine, write_section
 from bench.streams import broker, fresh_topics, say
 from bench.streams_mix import MIXES, Mix, prefill
+from bench.streams_peers import PARTITIONS
 from bench.streams_worker import Drain, counted, running, wait_ready, worker_env
 from callstream.localkafka import free_port
 
@@ -63,7 +66,7 @@ DECODE = "decoding the body (`decode_body`)"
 STATE = "per-call state change (state read/decode, `apply_event`, batch)"
 METRICS = "metrics (`Effects` into the books' Aggs)"
 CHANGELOG = "changelog writes (encode, table, producer)"
-COMMIT = "offset commits"
+COMMIT = "offset commits and group coordination"
 ALERTS = "alerts"
 WEB = "web server and JSON API (the benchmark's polls)"
 NATIVE = "native threads (librdkafka: the alert feed's consumer)"
@@ -148,7 +151,7 @@ def _aiokafka_stage(f: Frame) -> str | None:
     if "/consumer/fetcher.py" in f.file:
         return FETCH
     if "/consumer/group_coordinator.py" in f.file:
-        return COMMIT if "commit" in f.func else OTHER
+        return COMMIT
     return None  # the connection, protocol and records: the caller says what for
 
 
@@ -195,9 +198,10 @@ def stage_of(frames: list[Frame]) -> str:
 
 def _loop_stage(frames: list[Frame]) -> str:
     """A callback of the loop itself (socket reads and writes, futures, handles). On Faust's consumer
-    thread (a mode ServiceThread) its sockets carry fetches (and the group's few requests)."""
+    thread (a mode ServiceThread) its sockets carry the fetches (and the group's few requests)."""
     if any(f.file.endswith("/mode/threads.py") for f in frames) and any(
-        f.file.endswith(("/asyncio/selector_events.py", "/asyncio/streams.py")) for f in frames
+        "/aiokafka/" in f.file or f.file.endswith(("/asyncio/selector_events.py", "/asyncio/streams.py"))
+        for f in frames
     ):
         return FETCH
     return LOOP
@@ -230,6 +234,11 @@ class Capture(msgspec.Struct):
     before: dict[int, tuple[str, float]]  # thread id -> (name, CPU seconds)
     after: dict[int, tuple[str, float]]
     raw: str  # py-spy's raw stacks
+    header: str = ""  # when, where, load average
+    rate: int = 0  # py-spy samples per second
+    messages_total: int = 0  # all messages of the mix
+    changelog_messages: int = 0  # what the worker wrote to its state changelog over the whole drain
+    changelog_bytes: int = 0
 
 
 @dataclass
@@ -249,6 +258,18 @@ class Profile:
 
     def us(self, seconds: float) -> float:
         return 1e6 * seconds / self.capture.messages
+
+    def by_thread(self) -> str:
+        """CPU per event of the busiest threads: the event loop's (MainThread) bounds the rate."""
+        top = sorted(self.threads, key=lambda t: -t[1])[:2]
+        return "CPU µs/event by thread: " + ", ".join(f"{name} {self.us(cpu):.0f}" for name, cpu, _ in top)
+
+    def changelog_per_event(self) -> str:
+        """Changelog messages and bytes per message of the mix (the whole drain, both counted)."""
+        c, n = self.capture, self.capture.messages_total
+        if not n:
+            return "not recorded"
+        return f"{c.changelog_messages / n:.2f} messages, {c.changelog_bytes / n:,.0f} bytes"
 
 
 def _working_stacks(raw: str) -> tuple[defaultdict[int, list[tuple[list[Frame], int]]], dict[int, str]]:
@@ -313,6 +334,27 @@ def _py_spy(pid: int, rate: int, out: Path) -> subprocess.Popen[bytes]:
     return spy
 
 
+def changelog_volume(bootstrap: str, prefix: str) -> tuple[int, int]:
+    """Messages and key+value bytes on the worker's state changelog (the one topic of the prefix Faust named)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    names = [t for t in admin.list_topics(timeout=10).topics if prefix in t and t.endswith("-changelog")]
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{prefix}-changelog", "enable.auto.commit": False})
+    tps = [TopicPartition(t, p, 0) for t in names for p in range(PARTITIONS)]
+    end = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps)
+    c.assign(tps)
+    n = size = 0
+    while n < end:
+        batch = c.consume(num_messages=min(1000, end - n), timeout=5.0)
+        if not batch:
+            break
+        for m in batch:
+            if m.error() is None:
+                n += 1
+                size += len(m.key() or b"") + len(m.value() or b"")
+    c.close()
+    return n, size
+
+
 def capture_mix(bootstrap: str, mix: Mix, events: int, rate: int, tmp: Path) -> Capture:
     """Pre-fill `mix`, start a worker, and sample it with py-spy while it drains the topics."""
     prefix = fresh_topics(bootstrap, mix.name)
@@ -334,7 +376,20 @@ def capture_mix(bootstrap: str, mix: Mix, events: int, rate: int, tmp: Path) -> 
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
     messages = (exp.distinct - n0) * exp.messages / exp.distinct
-    return Capture(mix.name, exp.describe(), messages, t1 - t0, before, after, raw.read_text())
+    cl_messages, cl_bytes = changelog_volume(bootstrap, prefix)
+    return Capture(
+        mix=mix.name,
+        described=exp.describe(),
+        messages=messages,
+        seconds=t1 - t0,
+        before=before,
+        after=after,
+        raw=raw.read_text(),
+        rate=rate,
+        messages_total=exp.messages,
+        changelog_messages=cl_messages,
+        changelog_bytes=cl_bytes,
+    )
 
 
 def stage_table(profiles: list[Profile]) -> str:
@@ -364,16 +419,18 @@ def details(prof: Profile, n: int = 30) -> str:
     return "\n".join(lines)
 
 
-def report(profiles: list[Profile], rate: int, header: str) -> str:
+def report(profiles: list[Profile]) -> str:
+    first = profiles[0].capture
     mixes = "; ".join(f"**{p.name}** ({MIXES[p.name].description}): {p.capture.described}" for p in profiles)
     runs = "; ".join(
-        f"{p.name}: {p.capture.messages / p.capture.seconds:,.0f} events/s under the profiler, "
-        f"{p.samples:,} working samples"
+        f"{p.name}: {p.capture.messages / p.capture.seconds:,.0f} events/s under the profiler (py-spy pauses the "
+        f"process for every sample), {p.samples:,} working samples, {p.by_thread()}, changelog writes per event: "
+        f"{p.changelog_per_event()}"
         for p in profiles
     )
     return (
-        f"### Profile\n\n{header} A real `callstream worker` drains pre-filled topics under "
-        f"`py-spy record --threads` at {rate} Hz; each working sample goes to the stage of its innermost "
+        f"### Profile\n\n{first.header} A real `callstream worker` drains pre-filled topics under "
+        f"`py-spy record --threads` at {first.rate} Hz; each working sample goes to the stage of its innermost "
         "telling frame, and each thread's samples are scaled to the CPU the kernel counted for that thread, "
         f"so the µs add up to the process's CPU per event. Mixes: {mixes}. {runs}.\n\n{stage_table(profiles)}"
     )
@@ -391,7 +448,6 @@ def main() -> None:
     names = args.mixes.split(",")
     if args.load:
         captures = [msgspec.json.decode((args.load / f"{m}.json").read_bytes(), type=Capture) for m in names]
-        header = f"Captures from {args.load}."
     else:
         load_before = os.getloadavg()
         started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -401,16 +457,18 @@ def main() -> None:
             f"`python -m bench.profile_worker` on {started}; {machine()}; load average {load_before[0]:.1f} at the "
             f"start, {os.getloadavg()[0]:.1f} at the end."
         )
+        for c in captures:
+            c.header = header
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
             for c in captures:
                 (args.save / f"{c.mix}.json").write_bytes(msgspec.json.encode(c))
     profiles = [analyse(c) for c in captures]
-    text = report(profiles, args.rate, header)
+    text = report(profiles)
     print(text)
     for p in profiles:
         print(details(p), file=sys.stderr)
-    if not args.no_write and not args.load:
+    if not args.no_write:
         write_section("streams-profile", text)
 
 
