@@ -6,7 +6,8 @@ once, then read from the start, one after the other on the same broker, each wit
 1. a plain confluent-kafka consume loop: what one process can read (the ceiling for reading);
 2. the same loop decoding every body with the worker's decoder: the ceiling of any Python processor;
 3. a quixstreams application computing the same per-agent totals with per-call dedupe
-   (bench/quix_app.py), once per consumer poll timeout; the fastest is its row;
+   (bench/quix_app.py, in a venv of its own that the first run installs), once per consumer poll
+   timeout; the fastest is its row, and it runs once more with quixstreams' JSON deserializer;
 4. the real `callstream worker` process, its totals read from `/api/metrics`.
 
 Every row checks what it counted against the expected totals (bench/streams_mix.py). Then the
