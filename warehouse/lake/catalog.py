@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from warehouse.lake.errors import LakeError
-from warehouse.lake.settings import LakeSettings, storage_properties
+from warehouse.lake.settings import LakeSettings, S3Settings, storage_properties
 from warehouse.lake.tables import TABLE_PROPERTIES, iceberg_schema, partition_spec
 from warehouse.schema import TABLES
 
@@ -129,12 +129,12 @@ class LakeCatalog(SqlCatalog):
             raise CommitFailedException(f"the catalog was busy: {exc}") from exc
 
 
-def open_catalog(settings: LakeSettings) -> LakeCatalog:
+def open_catalog(settings: LakeSettings, s3: S3Settings | None = None) -> LakeCatalog:
     """The configured catalog, with the namespace and the five tables created when missing."""
     if not settings.enabled:
         raise LakeError("the lake is off: set CALLSTREAM_LAKE_WAREHOUSE and CALLSTREAM_LAKE_CATALOG")
     warehouse = settings.warehouse_uri()
-    props = {"uri": settings.catalog_url(), "warehouse": warehouse, **storage_properties(warehouse)}
+    props = {"uri": settings.catalog_url(), "warehouse": warehouse, **storage_properties(warehouse, s3)}
     try:
         _ensure_bucket(warehouse, props)
         catalog = LakeCatalog(settings.lake_catalog_name, **props)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+from pyiceberg.table import Table
 
 from warehouse.lake.catalog import LakeCatalog, open_catalog
 from warehouse.lake.settings import LakeSettings
@@ -34,12 +35,13 @@ class LakeReader:
     def __init__(self, catalog: LakeCatalog) -> None:
         self.catalog = catalog
         self.con = duckdb.connect()
+        self.tables: dict[str, Table] = {}
         self.snapshots: dict[str, int] = {}
         self.refresh()
 
     def refresh(self) -> dict[str, int]:
         """Move to the newest commit; returns each table's snapshot id."""
-        found = self.catalog.load_tables(NAMES)
+        found = self.tables = self.catalog.load_tables(NAMES, self.tables)
         for name, t in found.items():
             self.con.register(name, t.scan().to_arrow())
         self.snapshots = {name: (t.metadata.current_snapshot_id or 0) for name, t in found.items()}
