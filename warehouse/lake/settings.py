@@ -33,6 +33,9 @@ class LakeSettings(CommonSettings):
     lake_catalog_name: str = "callstream"
     # The consumer group the lake sinks share (several sinks split the partitions).
     lake_group_id: str = "callstream-lake"
+    # A stable name per sink (Kafka static membership): a sink restarted under the same name takes its
+    # partitions back at once, instead of after the session timeout and a rebalance.
+    lake_instance_id: str | None = None
     # A batch is committed when it has this many records or bytes, or is this old: the age bounds the
     # freshness of the lake, the size the number of files per commit.
     lake_batch_max_records: int = 2000

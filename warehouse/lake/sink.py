@@ -109,6 +109,7 @@ class LakeSink:
                 "max.partition.fetch.bytes": 2 * 1024 * 1024,
                 "queued.max.messages.kbytes": 16384,
                 "fetch.queue.backoff.ms": 10,
+                **({"group.instance.id": settings.lake_instance_id} if settings.lake_instance_id else {}),
             }
         )
         self._dlq: Producer | None = None
