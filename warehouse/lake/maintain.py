@@ -9,7 +9,6 @@ a compaction that loses to a sink's commit is planned again on the new state.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
@@ -34,6 +33,7 @@ from warehouse.schema import FAMILIES, TABLES
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 20
+_OURS = (".parquet", ".avro", ".metadata.json")
 
 
 @dataclass
@@ -178,13 +178,21 @@ def delete_unreferenced(table: Table, retain_seconds: float, stats: MaintainStat
     fs = io.fs_by_scheme(url.scheme or "file", url.netloc)
     keep = _referenced(table)
     cutoff = time.time() - retain_seconds
-    with contextlib.suppress(FileNotFoundError):
-        for info in fs.get_file_info(pafs.FileSelector(_bare(table.location()), recursive=True)):
-            if info.type != pafs.FileType.File or info.path in keep:
-                continue
-            if info.mtime is not None and info.mtime.timestamp() < cutoff:
+    try:
+        listed = fs.get_file_info(pafs.FileSelector(_bare(table.location()), recursive=True))
+    except FileNotFoundError:
+        return
+    for info in listed:
+        # Some S3 servers list folders as objects too: only the lake's own kinds of files go.
+        if info.type != pafs.FileType.File or not info.path.endswith(_OURS) or info.path in keep:
+            continue
+        if info.mtime is not None and info.mtime.timestamp() < cutoff:
+            try:
                 fs.delete_file(info.path)
-                stats.deleted_files += 1
+            except OSError as exc:
+                log.warning("lake maintain: could not delete %s: %s", info.path, exc)
+                continue
+            stats.deleted_files += 1
 
 
 def maintain(
