@@ -96,12 +96,12 @@ def test_a_family_commits_all_of_its_tables_or_none(tmp_path, bodies):
     w = LakeWriter(cat)
     w.commit([_rows(bodies[:5], partition=0, first_offset=0)])
     names = ["calls", "call_utterances", "call_tool_calls"]
-    stale = cat.load_tables(["call_tool_calls"])["call_tool_calls"]
+    stale = cat.load_tables(["calls"])["calls"]  # the last of the three in commit order
     w.commit([_rows(bodies[5:10], partition=0, first_offset=5)])
     current = cat.load_tables(names)
     before = cat.locations(names)
     # New snapshots for two tables built on their current state, one on a state that is gone.
-    bases = [current["calls"], current["call_utterances"], stale]
+    bases = [current["call_tool_calls"], current["call_utterances"], stale]
     changes = []
     for t in bases:
         txn = _snapshot(t, [], [], {"test": "1"})
