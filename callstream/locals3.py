@@ -81,7 +81,8 @@ class LocalS3:
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
         if self.jars is None:
-            self.jars = self.home / "jars" / S3PROXY_VERSION
+            cache = os.environ.get("CALLSTREAM_S3_CACHE")
+            self.jars = (Path(cache) if cache else self.home / "jars").resolve() / S3PROXY_VERSION
 
     @property
     def endpoint(self) -> str:
@@ -106,6 +107,9 @@ class LocalS3:
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_REGION": "us-east-1",
+            # S3Proxy refuses the CRC checksums newer AWS SDKs add to uploads by default.
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
         }
 
     def fetch(self, say: Callable[[str], None] = log.info) -> Path:
