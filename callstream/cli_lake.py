@@ -6,12 +6,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import ValidationError
 
 from callstream.locals3 import DEFAULT_PORT, LocalS3, default_home
 from kernel.errors import CallstreamError
+
+if TYPE_CHECKING:
+    from warehouse.lake.catalog import LakeCatalog
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -34,7 +38,9 @@ def _local(port: int, home: str | None) -> LocalS3:
 
 
 _port = click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port on 127.0.0.1.")
-_home = click.option("--home", default=None, help="Folder for jars, data and logs (default CALLSTREAM_S3_HOME or ./.s3proxy).")
+_home = click.option(
+    "--home", default=None, help="Folder for jars, data and logs (default CALLSTREAM_S3_HOME or ./.s3proxy)."
+)
 
 
 @s3.command("start")
@@ -78,7 +84,7 @@ def lake() -> None:
     """The Iceberg lake (CALLSTREAM_LAKE_WAREHOUSE + CALLSTREAM_LAKE_CATALOG): upkeep and status."""
 
 
-def _catalog():  # type: ignore[no-untyped-def]
+def _catalog() -> LakeCatalog:
     from warehouse.lake.catalog import open_catalog
     from warehouse.lake.settings import LakeSettings
 
@@ -90,7 +96,10 @@ def _catalog():  # type: ignore[no-untyped-def]
 
 @lake.command("maintain")
 @click.option(
-    "--retain", default=3600.0, show_default=True, help="Seconds a replaced snapshot stays readable (and unreferenced files stay)."
+    "--retain",
+    default=3600.0,
+    show_default=True,
+    help="Seconds a replaced snapshot stays readable (and unreferenced files stay).",
 )
 @click.option("--target-mb", default=32, show_default=True, help="Size of the files small files are compacted into.")
 @click.option("--every", type=float, default=None, help="Run again every this many seconds, until stopped.")

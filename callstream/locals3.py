@@ -163,7 +163,9 @@ class LocalS3:
         ]
         with open(self.state / "logs" / "stdout.log", "ab") as out:
             try:  # a new session: Ctrl-C in the terminal that started it must not stop it
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                )
             except FileNotFoundError as exc:
                 raise S3SetupError("`java` was not found on PATH; install Java 17 or later") from exc
         self.pid_file.write_text(str(proc.pid))

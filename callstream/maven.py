@@ -24,9 +24,9 @@ POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
 </project>
 """
 
-DEPENDENCY = (
-    "    <dependency><groupId>{group}</groupId><artifactId>{artifact}</artifactId><version>{version}</version></dependency>"
-)
+DEPENDENCY = """    <dependency>
+      <groupId>{group}</groupId><artifactId>{artifact}</artifactId><version>{version}</version>
+    </dependency>"""
 
 
 def pom(name: str, coordinates: list[str]) -> str:

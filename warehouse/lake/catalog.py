@@ -88,7 +88,9 @@ class LakeCatalog(SqlCatalog):
             self._write_metadata(metadata=st.metadata, io=st.io, metadata_path=st.metadata_location)
             staged.append((ch.base, st))
         try:
-            self._swap_pointers([(base.name()[-1], base.metadata_location, st.metadata_location) for base, st in staged])
+            self._swap_pointers(
+                [(base.name()[-1], base.metadata_location, st.metadata_location) for base, st in staged]
+            )
         except CommitFailedException:
             for _, st in staged:
                 with contextlib.suppress(OSError):

@@ -9,6 +9,7 @@ a compaction that loses to a sink's commit is planned again on the new state.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -84,7 +85,9 @@ def compact_table(catalog: LakeCatalog, name: str, target_bytes: int, stats: Mai
         outputs = [
             out
             for g in groups
-            for out in _dataframe_to_data_files(table.metadata, pa.concat_tables([read_file(table, f) for f in g]), table.io)
+            for out in _dataframe_to_data_files(
+                table.metadata, pa.concat_tables([read_file(table, f) for f in g]), table.io
+            )
         ]
         txn = _snapshot(table, outputs, inputs, {"callstream.maintenance": "compact"})
         reqs = (*txn._requirements, AssertTableUUID(uuid=table.metadata.table_uuid))
@@ -108,11 +111,17 @@ def checkpoint(catalog: LakeCatalog) -> None:
         for _ in range(ATTEMPTS):
             tables = catalog.load_tables(names)
             carried = offsets.stored(tables[family.parent.name].metadata)
-            props = {offsets.COMMIT_ID: uuid.uuid4().hex, "callstream.maintenance": "checkpoint", **offsets.to_summary(carried)}
+            props = {
+                offsets.COMMIT_ID: uuid.uuid4().hex,
+                "callstream.maintenance": "checkpoint",
+                **offsets.to_summary(carried),
+            }
             changes = []
             for t in tables.values():
                 txn = _snapshot(t, [], [], props)
-                changes.append(TableChange(t, (*txn._requirements, AssertTableUUID(uuid=t.metadata.table_uuid)), txn._updates))
+                changes.append(
+                    TableChange(t, (*txn._requirements, AssertTableUUID(uuid=t.metadata.table_uuid)), txn._updates)
+                )
             try:
                 catalog.commit_tables(changes)
                 break
@@ -129,7 +138,7 @@ def expire_table(catalog: LakeCatalog, name: str, retain_seconds: float, stats: 
         cutoff = int((time.time() - retain_seconds) * 1000)
         log_entries = table.metadata.snapshot_log
         current = table.metadata.current_snapshot_id
-        superseded = {a.snapshot_id: b.timestamp_ms for a, b in zip(log_entries, log_entries[1:], strict=False)}
+        superseded = {a.snapshot_id: b.timestamp_ms for a, b in itertools.pairwise(log_entries)}
         old = [
             s.snapshot_id
             for s in table.metadata.snapshots
@@ -138,7 +147,9 @@ def expire_table(catalog: LakeCatalog, name: str, retain_seconds: float, stats: 
         if not old:
             return table
         change = TableChange(
-            table, (AssertTableUUID(uuid=table.metadata.table_uuid),), (RemoveSnapshotsUpdate(snapshot_ids=old),)
+            table,
+            (AssertTableUUID(uuid=table.metadata.table_uuid),),
+            (RemoveSnapshotsUpdate(snapshot_ids=old),),  # type: ignore[call-arg]
         )
         try:
             table = _commit_one(catalog, table, change)

@@ -70,7 +70,8 @@ class LakeSettings(CommonSettings):
         """The catalog and warehouse for a log line, without the catalog's password."""
         from sqlalchemy.engine import make_url
 
-        return f"catalog {make_url(self.catalog_url()).render_as_string(hide_password=True)}, warehouse {self.lake_warehouse}"
+        url = make_url(self.catalog_url()).render_as_string(hide_password=True)
+        return f"catalog {url}, warehouse {self.lake_warehouse}"
 
 
 def storage_properties(warehouse: str, s3: S3Settings | None = None) -> dict[str, str]:

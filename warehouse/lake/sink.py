@@ -141,7 +141,9 @@ class LakeSink:
             self._consumed[key] = start
             self._assigned.add(key)
         consumer.assign(parts)
-        log.info("lake sink assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in parts) or "nothing")
+        log.info(
+            "lake sink assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in parts) or "nothing"
+        )
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         """Commit what was read of the partitions before another sink takes them."""
@@ -259,7 +261,9 @@ class LakeSink:
     def _tell_kafka(self) -> None:
         """Kafka's committed offsets follow the lake's (for lag views only; the lake's are what count)."""
         with self._lock:
-            todo = {tp: o for tp, o in self._committed.items() if self._told_kafka.get(tp) != o and tp in self._assigned}
+            todo = {
+                tp: o for tp, o in self._committed.items() if self._told_kafka.get(tp) != o and tp in self._assigned
+            }
         if todo:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=True)
             self._told_kafka.update(todo)

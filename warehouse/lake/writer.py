@@ -12,6 +12,7 @@ new state of the tables and retried, reusing the files it already wrote when the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -112,7 +113,7 @@ class LakeWriter:
         parent, key = family.parent, family.parent.parent_key
         table = self.tables[parent.name]
         keys = rows[key].combine_chunks()
-        out = []
+        out: list[tuple[str, int, int, DataFile]] = []
         for f in self.index.live_files(table, _days(rows)):
             held = self.index.keys(table, f, [key, *SOURCE_COLUMNS])
             mask = _isin(held[key], keys)
@@ -124,7 +125,9 @@ class LakeWriter:
 
     def _holding(self, table: Table, key: str, keys: pa.Array, days: list[int]) -> list[DataFile]:
         """The live files of a child table (in those days) with rows of any of `keys`."""
-        return [f for f in self.index.live_files(table, days) if _any(_isin(self.index.keys(table, f, [key])[key], keys))]
+        return [
+            f for f in self.index.live_files(table, days) if _any(_isin(self.index.keys(table, f, [key])[key], keys))
+        ]
 
     def _plan(self, fr: FamilyRows, written: _Written) -> _Plan:
         family, key = fr.family, fr.family.parent.parent_key
@@ -143,13 +146,15 @@ class LakeWriter:
                 hit = self._holding(table, key, gone, old_days) if replace else []
             plan.deletes[t.name] = hit
             rewritten = [
-                df for f in hit for df in written.get((f.file_path, tuple(gone.to_pylist())), self._rewriter(t, table, f, gone))
+                df
+                for f in hit
+                for df in written.get((f.file_path, tuple(gone.to_pylist())), self._rewriter(t, table, f, gone))
             ]
             new = fr.tables[t.name]
             if keep:
                 new = new.filter(pc.invert(_isin(new[key], drop_new)))
             plan.rows[t.name] = new.num_rows
-            added = written.get((t.name, tuple(drop_new.to_pylist())), lambda t=t, table=table, new=new: self._write(t, table, new))
+            added = written.get((t.name, tuple(drop_new.to_pylist())), functools.partial(self._write, t, table, new))
             plan.adds[t.name] = rewritten + added
         return plan
 

@@ -72,7 +72,9 @@ def test_two_sinks_killed_at_random_lose_and_double_nothing(
         while len(p.sent.calls) < target:
             p.send(min(250, target - len(p.sent.calls)), duplicates=0.05)
         for call_id in rng.sample(earlier, min(50, len(earlier))):  # delivered again, later
-            p.send_raw("call_analyzed", call_id, orjson.dumps({"event": "call_analyzed", "call": p.sent.calls[call_id]}))
+            p.send_raw(
+                "call_analyzed", call_id, orjson.dumps({"event": "call_analyzed", "call": p.sent.calls[call_id]})
+            )
         p.flush()
         time.sleep(rng.uniform(0.5, 2.5))
         sink = sinks[name]
@@ -103,8 +105,6 @@ def test_two_sinks_killed_at_random_lose_and_double_nothing(
     assert sum(stored < sent for stored, sent in loaded_at_kill) >= KILLS_PER_SINK, loaded_at_kill
     assert not lake_problems(catalog, topic_log, tmp_path)
     lake = connect(catalog=catalog)
-    counts = {
-        t: lake.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("calls", "call_utterances", "chats")
-    }
+    counts = {t: lake.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("calls", "call_utterances", "chats")}
     lake.close()
     assert counts == {"calls": CALLS, "call_utterances": p.sent.total_utterances(), "chats": len(p.sent.chats)}

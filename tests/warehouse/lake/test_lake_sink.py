@@ -53,7 +53,8 @@ def test_the_lake_holds_the_same_rows_as_the_duckdb_warehouse(
             "SELECT count(*) FROM call_utterances JOIN calls USING (call_id) WHERE calls.opted_out"
         ).fetchall() == [(0,)]
         assert con.execute(
-            "SELECT count(arguments), count(result) FROM call_tool_calls JOIN calls USING (call_id) WHERE calls.opted_out"
+            "SELECT count(arguments), count(result) FROM call_tool_calls "
+            "JOIN calls USING (call_id) WHERE calls.opted_out"
         ).fetchall() == [(0, 0)]
 
 

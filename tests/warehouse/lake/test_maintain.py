@@ -8,7 +8,6 @@ import threading
 import time
 
 import orjson
-import pytest
 
 from callstream.fakecalls import CallFactory, Fleet
 from tests.support.lake import stored_offsets
@@ -62,7 +61,9 @@ def test_maintain_compacts_and_expires_while_a_writer_writes_and_a_reader_reads(
                 ).fetchall()[0]
                 stored = lake.sql("SELECT count(*) FROM call_utterances").fetchall()[0][0]
                 if n != distinct or n % 10 or utterances != stored:
-                    failures.append(f"read {reads}: {n} calls, {distinct} distinct, {utterances} vs {stored} utterances")
+                    failures.append(
+                        f"read {reads}: {n} calls, {distinct} distinct, {utterances} vs {stored} utterances"
+                    )
                 reads += 1
         except BaseException as exc:
             failures.append(f"read {reads} failed: {exc!r}")

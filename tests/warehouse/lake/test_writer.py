@@ -79,7 +79,9 @@ def test_a_replayed_older_delivery_never_replaces_a_later_one(tmp_path, bodies):
     assert (stats.kept, stats.replaced, stats.rows["calls"]) == (10, 0, 0)
     after = arrow(cat)
     for name in ("calls", "call_utterances", "call_tool_calls"):
-        assert after[name].sort_by(after[name].column_names[0]).equals(before[name].sort_by(before[name].column_names[0]))
+        assert (
+            after[name].sort_by(after[name].column_names[0]).equals(before[name].sort_by(before[name].column_names[0]))
+        )
     assert stored_offsets(cat) == {(TOPIC, 0): 110}  # offsets only grow
 
     stats = w.commit([_rows(bodies[:4], partition=0, first_offset=200)])  # later deliveries replace
