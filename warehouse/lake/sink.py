@@ -226,7 +226,14 @@ class LakeSink:
                 if isinstance(item, _Drained):
                     item.done.set()
                     continue
+                t0 = time.monotonic()
                 stats = self.writer.commit(item)
+                log.debug(
+                    "lake: committed %d rows in %.2fs (%d attempts)",
+                    sum(stats.rows.values()),
+                    time.monotonic() - t0,
+                    stats.attempts,
+                )
                 with self._lock:
                     for fr in item:
                         self._committed.update(fr.offsets)
