@@ -42,8 +42,7 @@ from kernel.catalogue import Header, topic
 from kernel.signature import sign
 from kernel.topics import ensure_topics
 from tests.support.postgres import start_postgres
-from warehouse.lake.catalog import LakeCatalog, open_catalog
-from warehouse.lake.settings import LakeSettings, S3Settings
+from warehouse.lake.catalog import LakeCatalog, open_catalog_from
 
 REPO = Path(__file__).resolve().parents[1]
 PARTITIONS = 6  # two sinks split them evenly
@@ -73,22 +72,6 @@ def _lake(kind: str, work: Path, s3: LocalS3 | None, pg_url: str | None) -> dict
         "CALLSTREAM_LAKE_NAMESPACE": ns,
         **s3.env(),
     }
-
-
-def _catalog(lake: dict[str, str]) -> LakeCatalog:
-    s3 = None
-    if "AWS_ENDPOINT_URL" in lake:
-        s3 = S3Settings(
-            AWS_ENDPOINT_URL=lake["AWS_ENDPOINT_URL"],
-            AWS_ACCESS_KEY_ID=lake["AWS_ACCESS_KEY_ID"],
-            AWS_SECRET_ACCESS_KEY=lake["AWS_SECRET_ACCESS_KEY"],
-        )
-    settings = LakeSettings(
-        lake_warehouse=lake["CALLSTREAM_LAKE_WAREHOUSE"],
-        lake_catalog=lake["CALLSTREAM_LAKE_CATALOG"],
-        lake_namespace=lake["CALLSTREAM_LAKE_NAMESPACE"],
-    )
-    return open_catalog(settings, s3)
 
 
 def lake_sinks(bootstrap: str, prefix: str, lake: dict[str, str], n: int, work: Path) -> tuple[float, float, float]:
@@ -157,7 +140,7 @@ def freshness(
     gport = free_port()
     gw = _start(["gateway", "--port", str(gport)], env, work / "gateway.log")
     sink = _start(["sink"], env, work / "lake-sink.log")
-    catalog = _catalog(lake)
+    catalog = open_catalog_from(lake)
     stop = threading.Event()
     bg = threading.Thread(target=_background, args=(bootstrap, prefix, rate, seconds + 30, stop), daemon=True)
     try:
@@ -227,7 +210,7 @@ def run(args: argparse.Namespace, bootstrap: str, work: Path, s3: LocalS3, pg_ur
         print(f"{label} ...", file=sys.stderr)
         lake = _lake(kind, work, s3, pg_url)
         s, cpu, rss = lake_sinks(bootstrap, prefix, lake, n, work)
-        got = _calls_in(_catalog(lake))
+        got = _calls_in(open_catalog_from(lake))
         if got != args.calls:
             raise SystemExit(f"{label}: {got} calls in the lake, not {args.calls}")
         rates[(kind, n)] = args.calls / s

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -145,6 +146,21 @@ def open_catalog(settings: LakeSettings, s3: S3Settings | None = None) -> LakeCa
     except (SQLAlchemyError, OSError) as exc:
         raise LakeError(f"cannot open the lake ({settings.describe()}): {exc}") from exc
     return catalog
+
+
+def open_catalog_from(env: Mapping[str, str]) -> LakeCatalog:
+    """The catalog of a lake given by its variables (as a tool sets them for the sinks it starts)."""
+    settings = LakeSettings.model_validate(
+        {
+            "lake_warehouse": env["CALLSTREAM_LAKE_WAREHOUSE"],
+            "lake_catalog": env["CALLSTREAM_LAKE_CATALOG"],
+            "lake_namespace": env.get("CALLSTREAM_LAKE_NAMESPACE", "callstream"),
+        }
+    )
+    s3 = None
+    if "AWS_ENDPOINT_URL" in env:
+        s3 = S3Settings.model_validate({k: v for k, v in env.items() if k.startswith("AWS_")})
+    return open_catalog(settings, s3)
 
 
 def ensure_tables(catalog: LakeCatalog) -> None:

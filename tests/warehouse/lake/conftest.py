@@ -15,8 +15,7 @@ import pytest
 from callstream.locals3 import LocalS3
 from tests.support.postgres import Postgres, pg_bin, start_postgres
 from tests.support.s3 import start_s3
-from warehouse.lake.catalog import LakeCatalog, open_catalog
-from warehouse.lake.settings import LakeSettings, S3Settings
+from warehouse.lake.catalog import LakeCatalog, open_catalog_from
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +67,7 @@ def lake_catalog() -> Iterator[Callable[[dict[str, str]], LakeCatalog]]:
     opened: list[LakeCatalog] = []
 
     def open_(env: dict[str, str]) -> LakeCatalog:
-        settings = LakeSettings(
-            lake_warehouse=env["CALLSTREAM_LAKE_WAREHOUSE"],
-            lake_catalog=env["CALLSTREAM_LAKE_CATALOG"],
-            lake_namespace=env.get("CALLSTREAM_LAKE_NAMESPACE", "callstream"),
-        )
-        s3 = None
-        if "AWS_ENDPOINT_URL" in env:
-            s3 = S3Settings(
-                AWS_ENDPOINT_URL=env["AWS_ENDPOINT_URL"],
-                AWS_ACCESS_KEY_ID=env["AWS_ACCESS_KEY_ID"],
-                AWS_SECRET_ACCESS_KEY=env["AWS_SECRET_ACCESS_KEY"],
-            )
-        cat = open_catalog(settings, s3)
+        cat = open_catalog_from(env)
         opened.append(cat)
         return cat
 
