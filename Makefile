@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate clean chromium
+.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake clean chromium postgresql
 
 $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
@@ -32,8 +32,8 @@ up: $(STAMP)
 	$(BIN)/callstream up
 
 ## make test: lint, format and type checks, then the whole test suite against a real Kafka broker
-## that the suite starts itself.
-test: lint chromium
+## that the suite starts itself (and PostgreSQL, S3Proxy for the lake tests).
+test: lint chromium postgresql
 	$(BIN)/callstream kafka start --help >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -41,6 +41,11 @@ test: lint chromium
 chromium:
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; } \
 		|| echo "WARNING: could not install Debian's chromium (apt-get as root); the browser tests will be skipped"
+
+## Debian's PostgreSQL server for the lake's catalog tests (the tests start their own server with it).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql; } \
+		|| echo "WARNING: could not install Debian's postgresql (apt-get as root); the shared-lake tests will be skipped"
 
 kafka: $(STAMP)
 	$(BIN)/callstream kafka start
@@ -67,6 +72,9 @@ bench-warehouse: $(STAMP)
 
 bench-simulate: $(STAMP)
 	$(BIN)/python -m bench.simulate $(BENCH_SIMULATE_ARGS)
+
+bench-lake: $(STAMP)
+	$(BIN)/python -m bench.lake $(BENCH_ARGS)
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache

@@ -225,11 +225,15 @@ def sink(until_caught_up: bool) -> None:
     Loads <prefix>.call_analyzed and <prefix>.chat_analyzed into CALLSTREAM_WAREHOUSE (DuckDB) and
     CALLSTREAM_PARQUET_DIR (hive-partitioned by day), and publishes consistent Parquet snapshots:
     while it runs, read with `from warehouse.read import connect` (never the DuckDB file).
-    Unloadable records go to <prefix>.dead_letter with the reason.
+    Unloadable records go to <prefix>.dead_letter with the reason. With CALLSTREAM_LAKE_WAREHOUSE and
+    CALLSTREAM_LAKE_CATALOG set it loads the Iceberg lake instead (sinks of one prefix share the partitions).
     """
+    from callstream.cli_lake import run_lake_sink_if_configured
     from warehouse.settings import SinkSettings
     from warehouse.sink import run_sink
 
+    if run_lake_sink_if_configured(until_caught_up):
+        return
     try:
         cfg = SinkSettings()
     except ValidationError as exc:
@@ -239,6 +243,15 @@ def sink(until_caught_up: bool) -> None:
     except CallstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"sink: {stats.records} records, {stats.rows} rows, {stats.dead_letters} dead letters", err=True)
+
+
+def _register_lake() -> None:
+    from callstream.cli_lake import register
+
+    register(main)
+
+
+_register_lake()
 
 
 def _first_key() -> str | None:

@@ -51,7 +51,21 @@ def built_warehouse(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: s
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    # The same topics into an embedded lake, for the notebook that reads the lake.
+    proc = subprocess.run(
+        [sys.executable, "-m", "callstream", "sink", "--until-caught-up"],
+        env={**env, **_lake_env(tmp / "parquet")},
+        cwd=tmp,
+        capture_output=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     return tmp / "parquet"
+
+
+def _lake_env(parquet: Path) -> dict[str, str]:
+    lake = parquet.parent / "lake"
+    return {"CALLSTREAM_LAKE_WAREHOUSE": str(lake), "CALLSTREAM_LAKE_CATALOG": f"sqlite:///{lake / 'catalog.db'}"}
 
 
 def test_there_are_at_least_two_notebooks():
@@ -61,6 +75,8 @@ def test_there_are_at_least_two_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_against_the_warehouse(path: Path, built_warehouse: Path, monkeypatch, tmp_path: Path):
     monkeypatch.setenv("CALLSTREAM_PARQUET_DIR", str(built_warehouse))
+    for k, v in _lake_env(built_warehouse).items():
+        monkeypatch.setenv(k, v)
     # Only the project's own kernel spec: "python" in it resolves to this interpreter (the venv), so
     # a kernel installed elsewhere on the machine (~/.local/share/jupyter) can never be picked up.
     monkeypatch.setenv("JUPYTER_PATH", str(Path(sys.prefix) / "share" / "jupyter"))
