@@ -37,11 +37,11 @@ from bench.streams import _env, _start, pct
 from bench.warehouse import Pool, bench_sink, produce
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+from callstream.localpostgres import start_postgres
 from callstream.locals3 import LocalS3
 from kernel.catalogue import Header, topic
 from kernel.signature import sign
 from kernel.topics import ensure_topics
-from tests.support.postgres import start_postgres
 from warehouse.lake.catalog import LakeCatalog, open_catalog_from
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,11 +18,18 @@ from callstream.localkafka import LocalKafkaSettings
 from gateway.settings import GatewaySettings
 from kernel.settings import DOTENV, ENV_PREFIX, variable
 from streams.settings import WorkerSettings
+from warehouse.lake.settings import LakeSettings
 from warehouse.settings import SinkSettings
 
 log = logging.getLogger(__name__)
 
-SETTINGS: tuple[type[BaseSettings], ...] = (GatewaySettings, WorkerSettings, SinkSettings, LocalKafkaSettings)
+SETTINGS: tuple[type[BaseSettings], ...] = (
+    GatewaySettings,
+    WorkerSettings,
+    SinkSettings,
+    LakeSettings,
+    LocalKafkaSettings,
+)
 
 
 def known_variables() -> set[str]:

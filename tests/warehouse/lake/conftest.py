@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from callstream.localpostgres import Postgres, pg_bin, start_postgres
 from callstream.locals3 import LocalS3
-from tests.support.postgres import Postgres, pg_bin, start_postgres
 from tests.support.s3 import start_s3
 from warehouse.lake.catalog import LakeCatalog, open_catalog_from
 

@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the tests, from Debian's packages (`make test` installs them).
+"""A throwaway PostgreSQL server from Debian's packages, for the lake's tests and benchmark (`make test`
+installs them), started the way `callstream kafka start` starts a broker.
 
 initdb runs in a temporary folder of its own (owned by the `postgres` user when the tests run as root,
 since PostgreSQL refuses to run as root); pg_ctl starts it on a free loopback port, with its unix
@@ -17,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from callstream.localkafka import free_port
+from kernel.errors import CallstreamError
+
+
+class PostgresError(CallstreamError):
+    """The local PostgreSQL server could not be found, set up or started."""
 
 
 def pg_bin() -> Path | None:
@@ -45,7 +51,7 @@ class Postgres:
             cmd = ["runuser", "-u", self.user, "--", *cmd]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=self.folder)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
+            raise PostgresError(f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
 
     def start(self) -> None:
         data = self.folder / "data"
@@ -67,7 +73,7 @@ def start_postgres() -> Postgres:
     """A fresh server in a new temporary folder; the caller stops it and removes the folder."""
     where = pg_bin()
     if where is None:
-        raise RuntimeError("PostgreSQL is not installed: `apt-get install -y postgresql` (make test does it)")
+        raise PostgresError("PostgreSQL is not installed: `apt-get install -y postgresql` (make test does it)")
     folder = Path(tempfile.mkdtemp(prefix="callstream-pg-"))
     user = None
     if os.geteuid() == 0:
