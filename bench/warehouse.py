@@ -231,8 +231,10 @@ def main() -> None:
             "| path | calls | seconds | calls/s | CPU seconds | peak RSS | note |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
             f"| `callstream sink --until-caught-up`: Kafka -> DuckDB + Parquet | {args.calls} | {sink_s:.1f} | "
-            f"{sink_rate:,.0f} | {sink_cpu:.1f} | {rss_mb:.0f} MB | whole process: start, load, final Parquet publish; "
-            f"{sink_rate / ceil_rate:.0%} of the ceiling's calls/s, {ceil_cpu / sink_cpu:.0%} of its calls per CPU second |",
+            f"{sink_rate:,.0f} | {sink_cpu:.1f} | {rss_mb:.0f} MB | "
+            "whole process: start, load, final Parquet publish; "
+            f"{sink_rate / ceil_rate:.0%} of the ceiling's calls/s, "
+            f"{ceil_cpu / sink_cpu:.0%} of its calls per CPU second |",
             f"| in-process ceiling: decode, Arrow, INSERT | {args.calls} | {ceil_s:.1f} | {ceil_rate:,.0f} | "
             f"{ceil_cpu:.1f} | | no Kafka, no Parquet, no replace |",
         ]

@@ -38,13 +38,14 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import orjson
 
 from warehouse.db import run, scalar
 from warehouse.errors import WarehouseError
-from warehouse.schema import FAMILIES, TABLES, Table, last_load_seq
+from warehouse.schema import FAMILIES, TABLES, TABLES_BY_NAME, Table, last_load_seq
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,15 @@ class Part:
 
     def inside(self, other: Part) -> bool:
         return self != other and other.lo <= self.lo and self.hi <= other.hi
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One round's outcome before it is applied: the staged files and the loads they cover."""
+
+    high: int  # every load up to this one is in the files once applied
+    max_seq: int  # the newest dirty entry the round covers
+    writes: dict[tuple[Path, Part], Path | None]  # (folder, part) -> staged file, or None: remove
 
 
 def day_dir(root: Path, table: str, day: date) -> Path:
@@ -218,78 +228,102 @@ class ParquetPublisher:
             t0 = time.monotonic()
             if self._cur is None:
                 self._cur = self._con.cursor()
-            cur = self._cur
-            low = self.published_seq()
-            # (folder, part) -> tmp file with its rows, or None: the part goes away.
-            writes: dict[tuple[Path, Part], Path | None] = {}
-            run(cur, "BEGIN TRANSACTION")
-            try:
-                high = max(last_load_seq(cur, [f.parent for f in FAMILIES]), low)
-                dirty = run(
-                    cur,
-                    "SELECT family, day, part_seq, max(seq) FROM _callstream_dirty WHERE seq > ? GROUP BY ALL",
-                    [self.done_seq],
-                )
-                if high == low and not dirty and current_snapshot(self.root) is not None:
-                    run(cur, "COMMIT")
-                    return 0
-                touched: dict[tuple[str, date], set[Part]] = {}  # (table, day) -> parts to (re)write
-                new = Part(low, high)
-                for family in FAMILIES:
-                    for table in family.tables:
-                        if high > low:
-                            for (day,) in run(cur, f"SELECT DISTINCT day FROM {table.name} WHERE _load_seq > ?", [low]):
-                                touched.setdefault((table.name, day), set()).add(new)
-                for family_name, day, part_seq, _ in dirty:
-                    for table in _FAMILIES[family_name].tables:
-                        for p in parts_of(day_dir(self.root, table.name, day)):
-                            if p.holds(int(part_seq)):
-                                touched.setdefault((table.name, day), set()).add(p)
-                tables = {t.name: t for t in TABLES}
-                for (name, day), parts in touched.items():
-                    folder = day_dir(self.root, name, day)
-                    existing = [p for p in parts_of(folder) if not p.inside(new)]
-                    if len({*existing, *parts}) > MAX_PARTS_PER_DAY:
-                        merged = Part(min(p.lo for p in {*existing, *parts}), max(p.hi for p in {*existing, *parts}))
-                        for p in existing:
-                            writes[(folder, p)] = None
-                        parts = {merged}
-                    folder.mkdir(parents=True, exist_ok=True)
-                    for p in parts:
-                        tmp = folder / f".{p.name}.tmp"
-                        writes[(folder, p)] = tmp if self._copy(cur, tables[name], day, p, tmp) else None
-                        if writes[(folder, p)] is None:
-                            tmp.unlink(missing_ok=True)
-                max_seq = max((int(s) for *_, s in dirty), default=self.done_seq)
-                run(cur, "COMMIT")
-            except BaseException:
-                with contextlib.suppress(duckdb.Error):
-                    run(cur, "ROLLBACK")
-                for staged in writes.values():
-                    if staged is not None:
-                        staged.unlink(missing_ok=True)
-                raise
-            # New and rewritten parts first, then removals: a glob reader may briefly see a row twice
-            # during a merge, never miss one; snapshot readers see neither.
-            for (folder, p), staged in sorted(writes.items(), key=lambda kv: kv[1] is None):
-                if staged is not None:
-                    os.replace(staged, folder / p.name)
-                else:
-                    (folder / p.name).unlink(missing_ok=True)
-            for folder in {folder for folder, _ in writes}:
-                self._drop_covered(folder)
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only when empty
-            tmp_pub = self.root / f".{PUBLISHED}.tmp"
-            tmp_pub.write_bytes(orjson.dumps({"load_seq": high}))
-            os.replace(tmp_pub, self.root / PUBLISHED)
-            self._snapshot()
-            self.done_seq = max(self.done_seq, max_seq)
+            plan = self._plan(self._cur, self.published_seq())
+            if plan is None:
+                return 0
+            self._apply(plan)
+            self.done_seq = max(self.done_seq, plan.max_seq)
             self.rounds += 1
             self.last_duration = time.monotonic() - t0
             self.last_published_at = time.monotonic()
-            log.debug("published %d files up to load %d in %.2fs", len(writes), high, self.last_duration)
-            return len(writes)
+            log.debug("published %d files up to load %d in %.2fs", len(plan.writes), plan.high, self.last_duration)
+            return len(plan.writes)
+
+    def _plan(self, cur: duckdb.DuckDBPyConnection, low: int) -> _Plan | None:
+        """In one read transaction: which parts change, each staged under a hidden name (None: nothing
+        to publish). A failure removes what was staged."""
+        writes: dict[tuple[Path, Part], Path | None] = {}
+        run(cur, "BEGIN TRANSACTION")
+        try:
+            high = max(last_load_seq(cur, [f.parent for f in FAMILIES]), low)
+            dirty = run(
+                cur,
+                "SELECT family, day, part_seq, max(seq) FROM _callstream_dirty WHERE seq > ? GROUP BY ALL",
+                [self.done_seq],
+            )
+            if high == low and not dirty and current_snapshot(self.root) is not None:
+                run(cur, "COMMIT")
+                return None
+            new = Part(low, high)
+            self._stage(cur, self._touched(cur, new, dirty), new, writes)
+            max_seq = max((int(s) for *_, s in dirty), default=self.done_seq)
+            run(cur, "COMMIT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                run(cur, "ROLLBACK")
+            for staged in writes.values():
+                if staged is not None:
+                    staged.unlink(missing_ok=True)
+            raise
+        return _Plan(high, max_seq, writes)
+
+    def _touched(
+        self, cur: duckdb.DuckDBPyConnection, new: Part, dirty: list[tuple[Any, ...]]
+    ) -> dict[tuple[str, date], set[Part]]:
+        """(table, day) -> the parts to write: the new loads' part, and the parts that held replaced rows."""
+        touched: dict[tuple[str, date], set[Part]] = {}
+        if new.hi > new.lo:
+            for table in TABLES:
+                for (day,) in run(cur, f"SELECT DISTINCT day FROM {table.name} WHERE _load_seq > ?", [new.lo]):
+                    touched.setdefault((table.name, day), set()).add(new)
+        for family_name, day, part_seq, _ in dirty:
+            for table in _FAMILIES[family_name].tables:
+                for p in parts_of(day_dir(self.root, table.name, day)):
+                    if p.holds(int(part_seq)):
+                        touched.setdefault((table.name, day), set()).add(p)
+        return touched
+
+    def _stage(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        touched: dict[tuple[str, date], set[Part]],
+        new: Part,
+        writes: dict[tuple[Path, Part], Path | None],
+    ) -> None:
+        """Copy each touched part's rows to a hidden file (None: the part goes away); a day past
+        MAX_PARTS_PER_DAY becomes one merged part."""
+        for (name, day), parts in touched.items():
+            folder = day_dir(self.root, name, day)
+            existing = [p for p in parts_of(folder) if not p.inside(new)]
+            every = {*existing, *parts}
+            if len(every) > MAX_PARTS_PER_DAY:
+                for p in existing:
+                    writes[(folder, p)] = None
+                parts = {Part(min(p.lo for p in every), max(p.hi for p in every))}
+            folder.mkdir(parents=True, exist_ok=True)
+            for p in parts:
+                tmp = folder / f".{p.name}.tmp"
+                writes[(folder, p)] = tmp if self._copy(cur, TABLES_BY_NAME[name], day, p, tmp) else None
+                if writes[(folder, p)] is None:
+                    tmp.unlink(missing_ok=True)
+
+    def _apply(self, plan: _Plan) -> None:
+        """Rename the staged parts into place, remove the gone ones, then mark the loads published."""
+        # New and rewritten parts first, then removals: a glob reader may briefly see a row twice
+        # during a merge, never miss one; snapshot readers see neither.
+        for (folder, p), staged in sorted(plan.writes.items(), key=lambda kv: kv[1] is None):
+            if staged is not None:
+                os.replace(staged, folder / p.name)
+            else:
+                (folder / p.name).unlink(missing_ok=True)
+        for folder in {folder for folder, _ in plan.writes}:
+            self._drop_covered(folder)
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        tmp_pub = self.root / f".{PUBLISHED}.tmp"
+        tmp_pub.write_bytes(orjson.dumps({"load_seq": plan.high}))
+        os.replace(tmp_pub, self.root / PUBLISHED)
+        self._snapshot()
 
     def _snapshot(self) -> None:
         snaps = self.root / SNAPSHOTS

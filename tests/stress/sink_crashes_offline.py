@@ -313,7 +313,8 @@ def parent(args) -> int:
     ends = {tp: len(v) for tp, v in log.items() if v}
     if proc.returncode != 0 or offsets != ends:
         problems.append(
-            f"final run: rc {proc.returncode}, offsets {offsets} vs {ends}: {proc.stdout[-2000:]!r} {proc.stderr[-2000:]!r}"
+            f"final run: rc {proc.returncode}, offsets {offsets} vs {ends}: "
+            f"{proc.stdout[-2000:]!r} {proc.stderr[-2000:]!r}"
         )
     if problems:
         print(f"[{args.seed}] FAILED final: {problems}", flush=True)
