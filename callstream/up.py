@@ -173,7 +173,7 @@ class Stack:
 
     def _summary(self, accepted: int, analyzed_calls: int) -> None:
         from warehouse.settings import SinkSettings
-        from warehouse.sink import status_path
+        from warehouse.status import status_path
 
         sink = SinkSettings()
         status = status_path(sink.warehouse)
