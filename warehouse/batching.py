@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, Protocol
 
 import pyarrow as pa
@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, Message, TopicPartition
 from kernel.catalogue import Header
 from warehouse.dead_letters import DeadLetters
 from warehouse.errors import RecordError
+from warehouse.personal_data import KEEP_ALL, PersonalData
 from warehouse.records import FamilyBatch, Source
 from warehouse.schema import Family
 
@@ -87,8 +88,16 @@ class OpenBatch:
     """Records decoded since the last batch was closed, per topic, and per partition the offsets of
     its first record and after its last."""
 
-    def __init__(self, families: Mapping[str, Family], max_seconds: float) -> None:
-        self.families = {t: FamilyBatch(f) for t, f in families.items()}
+    def __init__(
+        self,
+        families: Mapping[str, Family],
+        max_seconds: float,
+        personal: PersonalData = KEEP_ALL,
+        forgotten: Mapping[str, Collection[str]] | None = None,
+    ) -> None:
+        """`forgotten`: per family name, the keys not to load (see `warehouse.forget`)."""
+        gone = forgotten or {}
+        self.families = {t: FamilyBatch(f, personal, gone.get(f.name, ())) for t, f in families.items()}
         self.first_offsets: dict[tuple[str, int], int] = {}
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.records = 0

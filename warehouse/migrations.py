@@ -18,7 +18,7 @@ import duckdb
 from warehouse import ledger
 from warehouse.db import run, scalar, transaction
 from warehouse.errors import WarehouseError
-from warehouse.schema import DIRTY_DDL, OFFSETS_DDL, TABLES
+from warehouse.schema import DIRTY_DDL, FORGOTTEN_DDL, OFFSETS_DDL, TABLES
 from warehouse.views import create_views
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,14 @@ def _nothing(con: duckdb.DuckDBPyConnection) -> None:
     """Version 1 is the schema of the first release: a file of it already holds everything."""
 
 
+def _forgotten(con: duckdb.DuckDBPyConnection) -> None:
+    run(con, FORGOTTEN_DDL)
+
+
 # Append only: a released migration never changes, a new schema change is a new entry.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tables, offsets, dirty days and load ledger of the first release", _nothing),
+    Migration(2, "the list of calls and chats erased by `callstream warehouse forget`", _forgotten),
 )
 
 
@@ -104,4 +109,5 @@ def create_all(con: duckdb.DuckDBPyConnection) -> None:
         run(con, t.ddl())
     run(con, OFFSETS_DDL)
     run(con, DIRTY_DDL)
+    run(con, FORGOTTEN_DDL)
     ledger.create(con)

@@ -4,11 +4,16 @@ Bodies are decoded with msgspec into structs that name only the fields we keep: 
 skipped (a new field in the call object never stops loading), free-form objects stay raw JSON text
 (`msgspec.Raw`, so metadata is stored byte for byte), and a known field of the wrong type is an error
 that names its JSON path (the record goes to the dead-letter topic with that reason).
+
+What is kept of personal data follows `warehouse.personal_data` (phone numbers kept, masked or hashed;
+conversation text and recording URLs kept or dropped), and an opted-out call keeps no conversation
+content whatever it says. Calls and chats erased with `callstream warehouse forget` are not loaded again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +21,7 @@ import msgspec
 import pyarrow as pa
 
 from warehouse.errors import RecordError
+from warehouse.personal_data import KEEP_ALL, PersonalData
 from warehouse.schema import (
     CALL_TOOL_CALLS,
     CALL_UTTERANCES,
@@ -25,6 +31,8 @@ from warehouse.schema import (
     Family,
     Table,
 )
+
+log = logging.getLogger(__name__)
 
 _MS_PER_DAY = 86_400_000
 Num = int | float
@@ -255,10 +263,16 @@ class FamilyBatch:
 
     Rows go into column lists as each record is decoded (memory stays near the size of the columns);
     an earlier delivery of the same key in the batch has its rows dropped when the tables are built.
+    `personal` says what is stored of personal data; a key in `forgotten` is skipped (not loaded).
     """
 
-    def __init__(self, family: Family) -> None:
+    def __init__(
+        self, family: Family, personal: PersonalData = KEEP_ALL, forgotten: Collection[str] = frozenset()
+    ) -> None:
         self.family = family
+        self.personal = personal
+        self.forgotten = forgotten
+        self.skipped_forgotten = 0
         self._cols = {t.name: Columns(t) for t in family.tables}
         self._where: dict[str, dict[str, tuple[int, int]]] = {}
         self._drop: dict[str, list[int]] = {t.name: [] for t in family.tables}
@@ -282,8 +296,15 @@ class FamilyBatch:
             key = obj.chat_id
         if not key:
             raise RecordError(f"{self.family.parent.parent_key} is empty")
+        if key in self.forgotten:
+            self.skipped_forgotten += 1
+            log.info("not loading %s %s: it was erased with `callstream warehouse forget`", self.family.name, key)
+            return
         # Every check happens before the first append, so a bad record leaves no partial rows.
-        built = _call_rows(obj, source) if self.family.parent is CALLS else _chat_rows(obj, source)
+        if self.family.parent is CALLS:
+            built = _call_rows(obj, source, self.personal)
+        else:
+            built = _chat_rows(obj, source, self.personal)
         old = self._where.pop(key, None)
         if old is not None:
             for name, (start, end) in old.items():
@@ -324,8 +345,10 @@ def _origin(day: int, src: Source) -> dict[str, Any]:
     }
 
 
-def _call_rows(c: _Call, src: Source) -> Rows:
+def _call_rows(c: _Call, src: Source, personal: PersonalData) -> Rows:
     out = opted_out(c.opt_out_sensitive_data_storage, c.data_storage_setting)
+    # No conversation text: the call opted out, or the settings drop it (the utterance rows stay then).
+    text = not out and personal.transcripts
     day = _day(c.start_timestamp, c.end_timestamp, src.received_at_ms, src.loaded_at_ms)
     transcript = c.transcript_with_tool_calls
     if _absent(transcript) or bytes(transcript) == b"[]":
@@ -334,16 +357,21 @@ def _call_rows(c: _Call, src: Source) -> Rows:
     tools: dict[str, dict[str, Any]] = {}
     for e, raw in _entries(transcript, "call.transcript_with_tool_calls"):
         if e.role in TOOL_ROLES:
-            _add_tool_entry(tools, e, c.call_id, day, out)
+            _add_tool_entry(tools, e, c.call_id, day, text)
         elif not out:
-            utterances.append(_utterance(e, raw, c.call_id, len(utterances), day))
-    row = _call_row(c, out, day) | {"utterance_count": len(utterances), "tool_call_count": len(tools)}
+            utterances.append(_utterance(e, raw, c.call_id, len(utterances), day, text))
+    row = _call_row(c, text, day) | {"utterance_count": len(utterances), "tool_call_count": len(tools)}
+    row["opted_out"] = out
+    row["from_number"] = personal.number(c.from_number)
+    row["to_number"] = personal.number(c.to_number)
+    if out or not personal.recording_urls:
+        row["recording_url"] = None
     row |= _origin(day, src)
     return {CALLS.name: [row], CALL_UTTERANCES.name: utterances, CALL_TOOL_CALLS.name: list(tools.values())}
 
 
-def _add_tool_entry(tools: dict[str, dict[str, Any]], e: _Entry, call_id: str, day: int, out: bool) -> None:
-    """An invocation or a result joins its tool call's row; an opted-out call keeps name and outcome only."""
+def _add_tool_entry(tools: dict[str, dict[str, Any]], e: _Entry, call_id: str, day: int, text: bool) -> None:
+    """An invocation or a result joins its tool call's row; without `text`, name and outcome only."""
     if not e.tool_call_id:
         raise RecordError(f"call.transcript_with_tool_calls: a {e.role} entry has no tool_call_id")
     t = tools.setdefault(
@@ -351,31 +379,33 @@ def _add_tool_entry(tools: dict[str, dict[str, Any]], e: _Entry, call_id: str, d
     )
     if e.role == "tool_call_invocation":
         t["name"] = e.name
-        if not out:
+        if text:
             args = e.arguments
             t["arguments"] = args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
     else:
         t["successful"] = e.successful
-        if not out:
+        if text:
             t["result"] = e.content
 
 
-def _utterance(e: _Entry, raw: msgspec.Raw, call_id: str, turn: int, day: int) -> dict[str, Any]:
+def _utterance(e: _Entry, raw: msgspec.Raw, call_id: str, turn: int, day: int, text: bool) -> dict[str, Any]:
     words = e.words or []
     return {
         "call_id": call_id,
         "turn": turn,
         "role": e.role,
-        "content": e.content,
+        # The detail of a non-speech entry can be what the caller typed (dtmf digits), so it goes too.
+        "content": e.content if text else None,
         "start_s": _float(words[0].start) if words else None,
         "end_s": _float(words[-1].end) if words else None,
-        "detail": _detail(e, raw),
+        "detail": _detail(e, raw) if text else None,
         "day": day,
     }
 
 
-def _call_row(c: _Call, out: bool, day: int) -> dict[str, Any]:
-    """The `calls` row's own columns (the counts of its children and its origin are added by the caller)."""
+def _call_row(c: _Call, text: bool, day: int) -> dict[str, Any]:
+    """The `calls` row's own columns as sent, conversation text only with `text` (the caller applies the
+    personal-data rules to numbers and recording URL, and adds the counts of its children and its origin)."""
     an = c.call_analysis or _CallAnalysis()
     e2e = (c.latency.e2e if c.latency else None) or _LatencyBlock()
     duration = c.duration_ms
@@ -399,30 +429,32 @@ def _call_row(c: _Call, out: bool, day: int) -> dict[str, Any]:
         "user_sentiment": an.user_sentiment,
         "in_voicemail": an.in_voicemail,
         # A summary retells the conversation, so an opted-out call keeps none either.
-        "call_summary": None if out else an.call_summary,
+        "call_summary": an.call_summary if text else None,
         "combined_cost": _combined_cost(c.call_cost, "call.call_cost"),
         "e2e_latency_p50": _float(e2e.p50),
         "e2e_latency_p90": _float(e2e.p90),
         "e2e_latency_p99": _float(e2e.p99),
         "transfer_destination": _raw_text(c.transfer_destination),
         "transfer_end_timestamp": _int(c.transfer_end_timestamp),
-        "transcript": None if out else c.transcript,
-        "recording_url": None if out else c.recording_url,
+        "transcript": c.transcript if text else None,
+        "recording_url": c.recording_url,
         "metadata": _raw_json(c.metadata),
         "dynamic_variables": _raw_json(c.retell_llm_dynamic_variables),
         "collected_dynamic_variables": _raw_json(c.collected_dynamic_variables),
         "custom_analysis_data": _raw_json(an.custom_analysis_data),
         "call_cost": _raw_json(c.call_cost),
         "data_storage_setting": c.data_storage_setting,
-        "opted_out": out,
     }
 
 
-def _chat_rows(c: _Chat, src: Source) -> Rows:
+def _chat_rows(c: _Chat, src: Source, personal: PersonalData) -> Rows:
     out = opted_out(c.opt_out_sensitive_data_storage, c.data_storage_setting)
+    text = not out and personal.transcripts
     day = _day(c.start_timestamp, c.end_timestamp, src.received_at_ms, src.loaded_at_ms)
     entries = _entries(c.message_with_tool_calls, "chat.message_with_tool_calls")  # malformed: dead letter
-    messages = [] if out else [_chat_message(e, raw, c.chat_id, turn, day) for turn, (e, raw) in enumerate(entries)]
+    messages = (
+        [] if out else [_chat_message(e, raw, c.chat_id, turn, day, text) for turn, (e, raw) in enumerate(entries)]
+    )
     an = c.chat_analysis or _ChatAnalysis()
     duration = None
     if c.start_timestamp is not None and c.end_timestamp is not None:
@@ -438,9 +470,9 @@ def _chat_rows(c: _Chat, src: Source) -> Rows:
         "duration_ms": duration,
         "chat_successful": an.chat_successful,
         "user_sentiment": an.user_sentiment,
-        "chat_summary": None if out else an.chat_summary,
+        "chat_summary": an.chat_summary if text else None,
         "combined_cost": _combined_cost(c.chat_cost, "chat.chat_cost"),
-        "transcript": None if out else c.transcript,
+        "transcript": c.transcript if text else None,
         "metadata": _raw_json(c.metadata),
         "dynamic_variables": _raw_json(c.retell_llm_dynamic_variables),
         "collected_dynamic_variables": _raw_json(c.collected_dynamic_variables),
@@ -451,21 +483,22 @@ def _chat_rows(c: _Chat, src: Source) -> Rows:
     return {CHATS.name: [row | _origin(day, src)], CHAT_MESSAGES.name: messages}
 
 
-def _chat_message(e: _Entry, raw: msgspec.Raw, chat_id: str, turn: int, day: int) -> dict[str, Any]:
+def _chat_message(e: _Entry, raw: msgspec.Raw, chat_id: str, turn: int, day: int, text: bool) -> dict[str, Any]:
     content = e.content
     if e.role == "tool_call_invocation":
         args = e.arguments
         content = args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
+    detail = None if e.role in SPEECH_ROLES or e.role in TOOL_ROLES else _detail(e, raw)
     return {
         "chat_id": chat_id,
         "turn": turn,
         "message_id": e.message_id,
         "role": e.role,
-        "content": content,
+        "content": content if text else None,
         "created_at": _int(e.created_timestamp),
         "tool_call_id": e.tool_call_id,
         "name": e.name,
         "successful": e.successful,
-        "detail": None if e.role in SPEECH_ROLES or e.role in TOOL_ROLES else _detail(e, raw),
+        "detail": detail if text else None,
         "day": day,
     }

@@ -254,6 +254,19 @@ CREATE TABLE IF NOT EXISTS _callstream_dirty (
 """
 
 
+# Calls and chats erased with `callstream warehouse forget`: the sink never loads them again, and
+# `files_done` is false until every Parquet file and the database file itself are rewritten without them.
+FORGOTTEN_DDL = """
+CREATE TABLE IF NOT EXISTS _callstream_forgotten (
+  family VARCHAR NOT NULL,
+  key VARCHAR NOT NULL,
+  forgotten_at TIMESTAMP NOT NULL,
+  files_done BOOLEAN NOT NULL,
+  PRIMARY KEY (family, key)
+)
+"""
+
+
 def last_load_seq(con: duckdb.DuckDBPyConnection, tables: Iterable[Table]) -> int:
     """The highest `_load_seq` in the given tables (0 when empty)."""
     return max(int(scalar(con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in tables)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from kernel.settings import CommonSettings
+from warehouse.personal_data import PersonalDataSettings
 
 
-class SinkSettings(CommonSettings):
+class SinkSettings(PersonalDataSettings):
     warehouse: str = "data/warehouse.duckdb"
     parquet_dir: str = "data/parquet"
     # Kafka's committed offsets only show lag to operators; the sink resumes from DuckDB's.

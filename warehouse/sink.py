@@ -33,9 +33,11 @@ from warehouse.batching import KafkaConsumer, OpenBatch, consumer_config, take
 from warehouse.db import open_for_writing, run, scalar
 from warehouse.dead_letters import DeadLetters
 from warehouse.errors import WarehouseError
+from warehouse.forget import forgotten_keys
 from warehouse.load import Batch, Offsets, write_batch
 from warehouse.migrations import migrate
 from warehouse.parquet import ParquetPublisher
+from warehouse.personal_data import PersonalData
 from warehouse.schema import FAMILIES, TABLES, Family, last_load_seq
 from warehouse.settings import SinkSettings
 from warehouse.status import write_status
@@ -90,6 +92,8 @@ class Sink:
         self.create_topics = create_topics
         self.con = open_for_writing(settings.warehouse, settings.duckdb_memory_limit, settings.duckdb_threads)
         migrate(self.con)
+        self.personal = PersonalData.from_settings(settings)
+        self.forgotten = forgotten_keys(self.con)  # `warehouse forget` runs only while no sink does
         self.stats = SinkStats()
         self._stop = threading.Event()
         self._high: Offsets = {}
@@ -321,7 +325,7 @@ class Sink:
             idle_wait = 0.2 if open_batch is None else min(0.02, max(0.0, open_batch.deadline - time.monotonic()))
             for msg in take(self.consumer, want, idle_wait):
                 if open_batch is None:
-                    open_batch = OpenBatch(self.families, cfg.batch_max_seconds)
+                    open_batch = OpenBatch(self.families, cfg.batch_max_seconds, self.personal, self.forgotten)
                 t, p, next_offset = open_batch.add(msg, self.dead_letters)
                 self._consumed[(t, p)] = next_offset
             if until_caught_up and self.consumed_all():
@@ -347,6 +351,7 @@ class Sink:
             self.publisher.start()
             writer.start()
             self.say(f"sink: loading {', '.join(self.topics)} into {self.cfg.warehouse} and {self.cfg.parquet_dir}")
+            log.info("personal data: %s", self.personal.describe())
             self._consume(until_caught_up)
             self._hand_over(None)
             writer.join()

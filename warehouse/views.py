@@ -55,6 +55,25 @@ VIEWS: dict[str, str] = {
            OR disconnection_reason IN ('call_transfer', 'transfer_cancelled')
         GROUP BY day, agent_id, outcome
     """,
+    # Callers per day and agent (the person: the calling number inbound, the called number outbound),
+    # and how many called more than once. Counts only: no view shows a number. Hashed numbers count
+    # the same as numbers kept as sent; masked ones keep four digits, so different callers can merge.
+    "daily_callers": """
+        WITH per_caller AS (
+          SELECT day, agent_id, count(*) AS calls
+          FROM calls
+          WHERE (CASE WHEN direction = 'outbound' THEN to_number ELSE from_number END) IS NOT NULL
+          GROUP BY day, agent_id, CASE WHEN direction = 'outbound' THEN to_number ELSE from_number END
+        )
+        SELECT
+          day,
+          agent_id,
+          count(*) AS callers,
+          count(*) FILTER (WHERE calls > 1) AS repeat_callers,
+          sum(calls) AS calls_with_number
+        FROM per_caller
+        GROUP BY day, agent_id
+    """,
     "tool_call_success": """
         SELECT
           t.day,

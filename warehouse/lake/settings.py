@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kernel.settings import CommonSettings
+from warehouse.personal_data import PersonalDataSettings
 
 
 class S3Settings(BaseSettings):
@@ -25,7 +25,7 @@ class S3Settings(BaseSettings):
     region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
 
 
-class LakeSettings(CommonSettings):
+class LakeSettings(PersonalDataSettings):
     lake_warehouse: str | None = None
     # A SQLAlchemy URL; it may hold a password, so it is never logged as it is.
     lake_catalog: SecretStr | None = None

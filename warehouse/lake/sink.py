@@ -30,6 +30,7 @@ from warehouse.lake.catalog import open_catalog
 from warehouse.lake.errors import LakeError
 from warehouse.lake.settings import LakeSettings
 from warehouse.lake.writer import FamilyRows, LakeWriter
+from warehouse.personal_data import PersonalData
 from warehouse.schema import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class LakeSink:
         self.families = {topic(settings.topic_prefix, f.topic_suffix): f for f in FAMILIES}
         self.catalog = open_catalog(settings)
         self.writer = LakeWriter(self.catalog, settings.lake_commit_attempts, settings.lake_key_cache_rows)
+        self.personal = PersonalData.from_settings(settings)
         self.stats = LakeSinkStats()
         self.consumer = Consumer(
             {
@@ -137,7 +139,7 @@ class LakeSink:
 
     def _add(self, msg: Message) -> None:
         if self._pending is None:
-            self._pending = OpenBatch(self.families, self.cfg.lake_batch_max_seconds)
+            self._pending = OpenBatch(self.families, self.cfg.lake_batch_max_seconds, self.personal)
         t, p, next_offset = self._pending.add(msg, self.dead_letters)
         self._consumed[(t, p)] = next_offset
         self.stats.dead_letters = self.dead_letters.count
@@ -233,6 +235,7 @@ class LakeSink:
                 list(self.families), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
             )
             self.say(f"sink: loading {', '.join(self.families)} into the lake ({self.cfg.describe()})")
+            log.info("personal data: %s", self.personal.describe())
             while not self._stop.is_set():
                 self._check_writer()
                 self._poll()
