@@ -242,6 +242,132 @@ def _register_lake() -> None:
 _register_lake()
 
 
+def _register_warehouse() -> None:
+    from callstream.cli_warehouse import register
+
+    register(main)
+
+
+_register_warehouse()
+
+
+# -- replay and backfill -------------------------------------------------------------------------
+
+
+@main.group()
+def replay() -> None:
+    """Route the events of <prefix>.dead_letter or <prefix>.unknown again, after a fix or a catalogue update."""
+
+
+_dry_run = click.option("--dry-run", is_flag=True, help="Say where the events would go; write and commit nothing.")
+_no_progress = click.option("--no-progress", is_flag=True, help="No progress bar.")
+_batch = click.option(
+    "--batch-size", default=500, show_default=True, type=click.IntRange(min=1), help="Events per Kafka transaction."
+)
+
+
+_from_beginning = click.option(
+    "--from-beginning",
+    is_flag=True,
+    help="Read the whole topic again, not from where the last run stopped: events that did not route then get "
+    "another chance, and those an earlier run wrote are written again (the sink keeps one row per call, the "
+    "worker counts a call's event once).",
+)
+
+
+def _replay(source: str, dry_run: bool, no_progress: bool, batch_size: int, from_beginning: bool) -> None:
+    import signal
+
+    from tqdm import tqdm
+
+    from callstream.replay import Replay
+    from kernel.settings import CommonSettings
+
+    run = Replay(CommonSettings(), source, batch_size=batch_size, dry_run=dry_run, from_beginning=from_beginning)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: run.stop.set())
+    with tqdm(unit="event", desc=f"replay {source}", disable=no_progress, file=sys.stderr, delay=0.5) as bar:
+        stats = run.run(progress=bar.update, on_total=lambda n: bar.reset(total=n))
+    for line in stats.summary(run.source, dry_run):
+        click.echo(line)
+
+
+_REPLAY_HELP = """
+
+    Each event is routed as the gateway routes a delivery (same validation, event names and keys).
+    What now routes to an event topic is written there with the gateway's key and headers and a
+    `replayed_from` header; what still does not route stays where it is (a later run passes it by,
+    unless --from-beginning). An event with `replayed_from` is never replayed again. Idempotent: a
+    run starts where the last one stopped
+    (consumer group callstream-replay-<prefix>-<source>) and writes each batch in one Kafka
+    transaction with those offsets, so a second run, or a run after a crash, writes nothing twice.
+    Ctrl-C stops after the current batch.
+"""
+
+
+@replay.command(
+    "dead-letter",
+    help="Route <prefix>.dead_letter again: bodies the gateway could not route, and "
+    "records the sink could not load (those go back to their event topic, right after a fix to the loader)."
+    + _REPLAY_HELP,
+)
+@_dry_run
+@_no_progress
+@_batch
+@_from_beginning
+def replay_dead_letter(dry_run: bool, no_progress: bool, batch_size: int, from_beginning: bool) -> None:
+    _replay("dead-letter", dry_run, no_progress, batch_size, from_beginning)
+
+
+@replay.command(
+    "unknown",
+    help="Route <prefix>.unknown again: events of types the catalogue did not know "
+    "when they came (after a catalogue update, those it knows now go to their own topic)." + _REPLAY_HELP,
+)
+@_dry_run
+@_no_progress
+@_batch
+@_from_beginning
+def replay_unknown(dry_run: bool, no_progress: bool, batch_size: int, from_beginning: bool) -> None:
+    _replay("unknown", dry_run, no_progress, batch_size, from_beginning)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Read and check the files and count the calls; send nothing.")
+@click.option("--strict", is_flag=True, help="Stop at the first malformed record instead of skipping it.")
+@_no_progress
+def backfill(files: tuple[Path, ...], dry_run: bool, strict: bool, no_progress: bool) -> None:
+    """Load past calls: Retell list-calls output into the pipeline as call_analyzed events.
+
+    Each FILE is a JSON array of call objects (what POST /v2/list-calls answers) or JSON Lines (a
+    call object per line), either of them gzipped (.gz); files of any size are streamed. Each call
+    goes to <prefix>.call_analyzed as {"event": "call_analyzed", "call": ...}, keyed by its call_id,
+    with the gateway's headers (received_at: the call's end) and backfilled_at. Calls not ended yet
+    (registered, ongoing) are skipped: their own webhook is still to come.
+
+    A malformed record (not JSON, not a call object, no call_id) is reported with its file and
+    line and skipped, and the run ends with exit status 1 after sending the rest; --strict stops at
+    the first one instead. In a JSON array a syntax error also skips the rest of that file.
+    Running it twice, or over calls that live traffic delivered too, loads and counts nothing
+    twice (the sink keeps one row per call, the worker counts a call's call_analyzed once).
+    """
+    from tqdm import tqdm
+
+    from callstream.backfill import Backfill, total_bytes
+    from kernel.settings import CommonSettings
+
+    paths = list(files)
+    run = Backfill(CommonSettings(), dry_run=dry_run, strict=strict)
+    with tqdm(
+        total=total_bytes(paths), unit="B", unit_scale=True, desc="backfill", disable=no_progress, file=sys.stderr
+    ) as bar:
+        stats = run.run(paths, progress=bar.update, say=lambda line: bar.write(line, file=sys.stderr))
+    click.echo(stats.summary(run.topic, dry_run))
+    if stats.bad:
+        raise click.ClickException(f"{len(stats.bad)} malformed records were skipped (listed above)")
+
+
 def _first_key() -> str | None:
     raw = os.environ.get("CALLSTREAM_API_KEYS") or os.environ.get("RETELL_API_KEY")
     if not raw:

@@ -87,6 +87,9 @@ class Header:
     SIGNED_AT = "signed_at"  # unix ms from x-retell-signature's v=
     SOURCE_IP = "source_ip"
     REASON = "reason"  # dead letters only: why the body could not be routed
+    SOURCE_TOPIC = "source_topic"  # dead letters of a sink only: the topic the record came from
+    REPLAYED_FROM = "replayed_from"  # `callstream replay`: `<topic>[<partition>]@<offset>` it was routed from
+    BACKFILLED_AT = "backfilled_at"  # `callstream backfill`: unix ms of the run that wrote it
 
 
 def topic(prefix: str, suffix: str) -> str:

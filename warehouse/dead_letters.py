@@ -26,7 +26,7 @@ class DeadLetters:
             self._producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True})
         headers = [
             (Header.REASON, reason.encode()),
-            ("source_topic", str(msg.topic()).encode()),
+            (Header.SOURCE_TOPIC, str(msg.topic()).encode()),
             ("source_partition", str(msg.partition()).encode()),
             ("source_offset", str(msg.offset()).encode()),
         ]

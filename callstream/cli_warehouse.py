@@ -1,0 +1,69 @@
+"""The warehouse's upkeep commands: `callstream warehouse forget`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.group()
+def warehouse() -> None:
+    """Upkeep of the DuckDB warehouse (CALLSTREAM_WAREHOUSE) and its Parquet files (CALLSTREAM_PARQUET_DIR)."""
+
+
+@warehouse.command("forget")
+@click.option("--call-id", "call_ids", multiple=True, metavar="ID", help="A call to erase (repeatable).")
+@click.option("--chat-id", "chat_ids", multiple=True, metavar="ID", help="A chat to erase (repeatable).")
+@click.option(
+    "--number",
+    "numbers",
+    multiple=True,
+    metavar="PHONE",
+    help="Erase every call from or to this number, as sent (+14155551234) or hashed with "
+    "CALLSTREAM_PHONE_HASH_KEY (repeatable).",
+)
+@click.option(
+    "--include-masked",
+    is_flag=True,
+    help="With --number: also erase calls whose masked number (****1234) ends in the same four digits, "
+    "which may be other callers' calls.",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be erased; change nothing.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def forget(
+    call_ids: tuple[str, ...],
+    chat_ids: tuple[str, ...],
+    numbers: tuple[str, ...],
+    include_masked: bool,
+    dry_run: bool,
+    no_progress: bool,
+) -> None:
+    """Erase calls and chats from the warehouse for good (a caller's right to be forgotten).
+
+    Deletes their rows from every table (calls, call_utterances, call_tool_calls; chats,
+    chat_messages), rewrites every Parquet file that holds them, the snapshots' included (readers
+    keep working), and rewrites the DuckDB file itself without them (it needs room for a copy). The
+    erased ids are recorded, and the sink never loads them again.
+
+    Stop the sink first: DuckDB allows one writer, and forget refuses while the sink holds the file.
+    Kafka keeps the raw events until its retention removes them (see the README, "Personal data").
+    Without arguments it finishes a forget that was interrupted.
+    """
+    from tqdm import tqdm
+
+    from warehouse.forget import Selection
+    from warehouse.forget import forget as run_forget
+    from warehouse.settings import SinkSettings
+
+    sel = Selection(call_ids, chat_ids, numbers, include_masked)
+    with tqdm(unit="file", desc="forget", disable=no_progress or dry_run, file=sys.stderr) as bar:
+        report = run_forget(SinkSettings(), sel, dry_run=dry_run, progress=bar.update)
+    if not sel and not report.plan.total_keys():
+        raise click.UsageError("nothing to forget: give --call-id, --chat-id or --number")
+    for line in report.lines():
+        click.echo(line)
+
+
+def register(main: click.Group) -> None:
+    main.add_command(warehouse)
