@@ -360,7 +360,13 @@ def backfill(files: tuple[Path, ...], dry_run: bool, strict: bool, no_progress: 
     paths = list(files)
     run = Backfill(CommonSettings(), dry_run=dry_run, strict=strict)
     with tqdm(
-        total=total_bytes(paths), unit="B", unit_scale=True, desc="backfill", disable=no_progress, file=sys.stderr
+        total=total_bytes(paths),
+        unit="B",
+        unit_scale=True,
+        desc="backfill",
+        disable=no_progress,
+        file=sys.stderr,
+        delay=0.5,
     ) as bar:
         stats = run.run(paths, progress=bar.update, say=lambda line: bar.write(line, file=sys.stderr))
     click.echo(stats.summary(run.topic, dry_run))

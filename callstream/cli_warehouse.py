@@ -57,7 +57,7 @@ def forget(
     from warehouse.settings import SinkSettings
 
     sel = Selection(call_ids, chat_ids, numbers, include_masked)
-    with tqdm(unit="file", desc="forget", disable=no_progress or dry_run, file=sys.stderr) as bar:
+    with tqdm(unit="file", desc="forget", disable=no_progress or dry_run, file=sys.stderr, delay=0.5) as bar:
         report = run_forget(SinkSettings(), sel, dry_run=dry_run, progress=bar.update)
     if not sel and not report.plan.total_keys():
         raise click.UsageError("nothing to forget: give --call-id, --chat-id or --number")

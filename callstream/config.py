@@ -19,6 +19,7 @@ from gateway.settings import GatewaySettings
 from kernel.settings import DOTENV, ENV_PREFIX, variable
 from streams.settings import WorkerSettings
 from warehouse.lake.settings import LakeSettings
+from warehouse.personal_data import PersonalDataSettings
 from warehouse.settings import SinkSettings
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ SETTINGS: tuple[type[BaseSettings], ...] = (
     WorkerSettings,
     SinkSettings,
     LakeSettings,
+    PersonalDataSettings,
     LocalKafkaSettings,
 )
 

@@ -68,10 +68,18 @@ def test_a_column_a_migration_appends_leaves_loading_intact(
 
     con = _v1_file(tmp_path / "old.duckdb")
     assert migrate(con, (*MIGRATIONS, Migration(MIGRATIONS[-1].version + 1, "review flag", add_review))) == [
-        MIGRATIONS[-1].version + 1
+        *(m.version for m in MIGRATIONS[1:]),
+        MIGRATIONS[-1].version + 1,
     ]
     assert _load(con, family_batch(CALL_FAMILY, 4), 1)["calls"] == 4
     assert run(con, "SELECT DISTINCT reviewed FROM calls") == [(False,)]
+
+
+def test_a_first_release_file_gets_the_forgotten_list(tmp_path: Path) -> None:
+    con = _v1_file(tmp_path / "old.duckdb")
+    assert 2 in migrate(con)
+    run(con, "INSERT INTO _callstream_forgotten VALUES ('calls', 'c1', now()::TIMESTAMP, false)")
+    assert run(con, "SELECT family, key, files_done FROM _callstream_forgotten") == [("calls", "c1", False)]
 
 
 def test_a_file_of_a_newer_release_is_refused_with_what_to_do(tmp_path: Path) -> None:
