@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from callstream.locals3 import DEFAULT_PORT, LocalS3, default_home
 from kernel.errors import CallstreamError
+from kernel.settings import config_problem
 
 if TYPE_CHECKING:
     from warehouse.lake.catalog import LakeCatalog
@@ -20,8 +21,7 @@ if TYPE_CHECKING:
 
 def _fail(exc: Exception) -> click.ClickException:
     if isinstance(exc, ValidationError):
-        msgs = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
-        return click.ClickException(f"configuration: {msgs}")
+        return click.ClickException(config_problem(exc))
     return click.ClickException(str(exc))
 
 

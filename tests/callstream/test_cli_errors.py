@@ -83,6 +83,38 @@ CASES: dict[str, Case] = {
         env={"CALLSTREAM_WAREHOUSE": "w.duckdb"},
         lock_duckdb="w.duckdb",
     ),
+    "warehouse forget, warehouse file in use by the sink": Case(
+        ["warehouse", "forget", "--call-id", "c1"],
+        "stop the sink first",
+        env={"CALLSTREAM_WAREHOUSE": "w.duckdb"},
+        lock_duckdb="w.duckdb",
+    ),
+    "warehouse forget, no warehouse": Case(["warehouse", "forget", "--call-id", "c1"], "there is no warehouse"),
+    # personal-data settings
+    "sink, phone numbers hashed without a key": Case(
+        ["sink"], "CALLSTREAM_PHONE_HASH_KEY", env={"CALLSTREAM_STORE_PHONE_NUMBERS": "hash"}
+    ),
+    "sink into the lake, phone numbers hashed without a key": Case(
+        ["sink"],
+        "CALLSTREAM_PHONE_HASH_KEY",
+        env={
+            "CALLSTREAM_STORE_PHONE_NUMBERS": "hash",
+            "CALLSTREAM_LAKE_WAREHOUSE": "lake",
+            "CALLSTREAM_LAKE_CATALOG": "sqlite:///lake/catalog.db",
+        },
+    ),
+    "sink, phone hash key too short": Case(
+        ["sink"],
+        "CALLSTREAM_PHONE_HASH_KEY",
+        env={"CALLSTREAM_STORE_PHONE_NUMBERS": "hash", "CALLSTREAM_PHONE_HASH_KEY": "k"},
+    ),
+    "sink, CALLSTREAM_STORE_TRANSCRIPTS unknown": Case(
+        ["sink"], "CALLSTREAM_STORE_TRANSCRIPTS", env={"CALLSTREAM_STORE_TRANSCRIPTS": "redact"}
+    ),
+    # replay and backfill
+    "replay dead-letter, Kafka down": Case(["replay", "dead-letter"], "Kafka"),
+    "backfill, Kafka down": Case(["backfill", "calls.jsonl"], "Kafka", files={"calls.jsonl": '{"call_id": "c1"}\n'}),
+    "backfill, no such file": Case(["backfill", "nowhere.json"], "does not exist"),
     # port in use
     "gateway, port in use": Case(["gateway", "--port", "{held}"], "--port", env=KEY, hold_port=True),
     "worker, port in use": Case(["worker", "--web-port", "{held}"], "--web-port", hold_port=True),

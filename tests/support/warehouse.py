@@ -21,9 +21,7 @@ from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES, last_load_seq
 TOPICS = {"t.call_analyzed": CALL_FAMILY, "t.chat_analyzed": CHAT_FAMILY}
 
 
-def build(
-    db: Path, parquet: Path, batches: Iterable[list[dict[str, Any]]], personal: PersonalData = KEEP_ALL
-) -> None:
+def build(db: Path, parquet: Path, batches: Iterable[list[dict[str, Any]]], personal: PersonalData = KEEP_ALL) -> None:
     """Load each batch of webhook bodies (calls and chats) as one load, publishing after each."""
     con = duckdb.connect(str(db))
     migrate(con)

@@ -170,9 +170,9 @@ def test_forget_erases_a_call_and_a_chat_everywhere_while_a_reader_reads(bodies,
         assert con.execute("SELECT count(*) FROM calls").fetchall() == [(calls_before - 1,)]
         for t in TABLES:
             key = t.parent_key
-            assert con.execute(f"SELECT count(*) FROM {t.name} WHERE {key} IN (?, ?)", [victim_id, chat_id]).fetchall() == [
-                (0,)
-            ], t.name
+            assert con.execute(
+                f"SELECT count(*) FROM {t.name} WHERE {key} IN (?, ?)", [victim_id, chat_id]
+            ).fetchall() == [(0,)], t.name
     everything = _every_byte(db, parquet)
     assert b"VICTIM-q8Zt" not in everything
     assert b"CHATTER-p3Lm" not in everything

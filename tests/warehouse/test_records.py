@@ -10,6 +10,7 @@ import pytest
 
 from callstream.fakecalls import CallFactory, Fleet
 from warehouse.errors import RecordError
+from warehouse.personal_data import KEEP_ALL, PersonalData, hash_number
 from warehouse.records import FamilyBatch, Source
 from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES_BY_NAME
 
@@ -24,8 +25,10 @@ def analyzed() -> Any:
     return make
 
 
-def _load(*bodies: dict[str, Any], family: Any = CALL_FAMILY) -> dict[str, list[dict[str, Any]]]:
-    batch = FamilyBatch(family)
+def _load(
+    *bodies: dict[str, Any], family: Any = CALL_FAMILY, personal: PersonalData = KEEP_ALL
+) -> dict[str, list[dict[str, Any]]]:
+    batch = FamilyBatch(family, personal)
     for i, b in enumerate(bodies):
         batch.add(orjson.dumps(b), Source(partition=0, offset=i, received_at_ms=1_700_000_000_000, loaded_at_ms=1))
     return {name: t.to_pylist() for name, t in batch.tables().items()}
@@ -77,6 +80,85 @@ def test_opted_out_call_keeps_no_sensitive_content(analyzed, opt):
     text = orjson.dumps(rows).decode()
     for u in body["call"]["transcript_object"]:
         assert u["content"] not in text
+
+
+KEY = b"records-test-key-0123456789"
+
+
+def test_phone_numbers_are_kept_masked_or_hashed(analyzed):
+    body = analyzed("completed", direction="inbound", from_number="+14155550123", to_number="+12125559876")
+    as_sent = _load(body)["calls"][0]
+    assert (as_sent["from_number"], as_sent["to_number"]) == ("+14155550123", "+12125559876")
+    masked = _load(body, personal=PersonalData(phone_numbers="mask"))["calls"][0]
+    assert (masked["from_number"], masked["to_number"]) == ("****0123", "****9876")
+    hashed = _load(body, personal=PersonalData(phone_numbers="hash", key=KEY))["calls"][0]
+    assert (
+        hashed["from_number"] == hash_number("+1 415 555 0123", KEY) != hash_number("+14155550123", b"other key 123456")
+    )
+    assert len(hashed["to_number"]) == 64 and "9876" not in hashed["to_number"]
+    # Only the numbers change.
+    for row in (masked, hashed):
+        assert {k: v for k, v in row.items() if not k.endswith("_number")} == {
+            k: v for k, v in as_sent.items() if not k.endswith("_number")
+        }
+    web = analyzed("web_call")
+    assert _load(web, personal=PersonalData(phone_numbers="hash", key=KEY))["calls"][0]["from_number"] is None
+
+
+def test_dropped_transcripts_leave_no_conversation_text_but_keep_the_turns(analyzed):
+    body = analyzed("completed")
+    call = body["call"]
+    call["transcript_with_tool_calls"].insert(1, {"role": "dtmf", "digit": "4111"})
+    personal = PersonalData(transcripts=False)
+    rows = _load(body, personal=personal)
+    kept = _load(body)
+    (row,) = rows["calls"]
+    assert row["transcript"] is None and row["call_summary"] is None
+    assert row["recording_url"] == call["recording_url"]  # a class of its own
+    assert row["opted_out"] is False
+    assert [(u["turn"], u["role"], u["start_s"]) for u in rows["call_utterances"]] == [
+        (u["turn"], u["role"], u["start_s"]) for u in kept["call_utterances"]
+    ]
+    assert all(u["content"] is None and u["detail"] is None for u in rows["call_utterances"])
+    assert rows["call_tool_calls"] and all(
+        t["arguments"] is None and t["result"] is None for t in rows["call_tool_calls"]
+    )
+    assert [t["name"] for t in rows["call_tool_calls"]] == [t["name"] for t in kept["call_tool_calls"]]
+    text = orjson.dumps(rows).decode()
+    assert "4111" not in text
+    for u in call["transcript_object"]:
+        assert u["content"] not in text
+    chat = analyzed("chat")
+    chat_rows = _load(chat, family=CHAT_FAMILY, personal=personal)
+    assert chat_rows["chats"][0]["transcript"] is None and chat_rows["chats"][0]["chat_summary"] is None
+    assert len(chat_rows["chat_messages"]) == len(chat["chat"]["message_with_tool_calls"])
+    assert all(m["content"] is None for m in chat_rows["chat_messages"])
+
+
+def test_dropped_recording_urls(analyzed):
+    body = analyzed("completed")
+    (row,) = _load(body, personal=PersonalData(recording_urls=False))["calls"]
+    assert row["recording_url"] is None and row["transcript"] == body["call"]["transcript"]
+
+
+@pytest.mark.parametrize("personal", [KEEP_ALL, PersonalData(phone_numbers="mask")], ids=["keep", "mask"])
+def test_an_opted_out_call_stays_scrubbed_whatever_the_settings(analyzed, personal):
+    body = analyzed("opt_out")
+    rows = _load(body, personal=personal)
+    (row,) = rows["calls"]
+    assert row["opted_out"] is True
+    assert (row["transcript"], row["recording_url"], row["call_summary"]) == (None, None, None)
+    assert rows["call_utterances"] == []
+
+
+def test_a_forgotten_call_is_not_loaded(analyzed):
+    gone, kept = analyzed("completed"), analyzed("completed")
+    batch = FamilyBatch(CALL_FAMILY, forgotten=frozenset({gone["call"]["call_id"]}))
+    for i, b in enumerate((gone, kept, gone)):
+        batch.add(orjson.dumps(b), Source(partition=0, offset=i, received_at_ms=1_700_000_000_000, loaded_at_ms=1))
+    assert [r["call_id"] for r in batch.tables()["calls"].to_pylist()] == [kept["call"]["call_id"]]
+    assert batch.tables()["call_utterances"].column("call_id").unique().to_pylist() == [kept["call"]["call_id"]]
+    assert batch.skipped_forgotten == 2
 
 
 def test_new_fields_and_roles_do_not_stop_loading(analyzed):

@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.audit import assert_parquet_equals_duckdb
 from warehouse.errors import WarehouseError
+from warehouse.personal_data import hash_number
 from warehouse.read import connect
 from warehouse.schema import TABLES
 
@@ -215,3 +216,45 @@ def test_a_load_found_short_at_a_restart_is_loaded_again_from_kafka(traffic, run
     assert counts["call_utterances"] == p.sent.total_utterances()
     out = run_sink_once()  # and the start after that finds the warehouse whole
     assert "load ledger" not in out, out[-3000:]
+
+
+def test_personal_data_settings_reach_duckdb_and_every_parquet_file(traffic, run_sink_once, warehouse_paths):
+    db, parquet = warehouse_paths
+    key = "sink-test-key-0123456789"
+    p = traffic(seed=16, turns=(3, 5))
+    p.send(40, scenario="completed")
+    p.send(5, scenario="opt_out")
+    p.send(5, scenario="chat")
+    p.flush()
+    run_sink_once(
+        CALLSTREAM_STORE_PHONE_NUMBERS="hash",
+        CALLSTREAM_PHONE_HASH_KEY=key,
+        CALLSTREAM_STORE_TRANSCRIPTS="drop",
+        CALLSTREAM_STORE_RECORDING_URLS="drop",
+        CALLSTREAM_PARQUET_COMPRESSION="uncompressed",
+    )
+    numbers = {c[k] for c in p.sent.calls.values() for k in ("from_number", "to_number") if c.get(k)}
+    texts = {u["content"] for c in p.sent.calls.values() for u in c["transcript_object"]}
+    urls = {c["recording_url"] for c in p.sent.calls.values() if c.get("recording_url")}
+    assert numbers and texts and urls
+    files = b"".join(f.read_bytes() for f in parquet.rglob("*.parquet"))
+    assert any(cid.encode() in files for cid in p.sent.calls), "uncompressed Parquet should show the call ids"
+    for secret in (*numbers, *texts, *urls):
+        assert secret.encode() not in files, secret
+    for reader in (duckdb.connect(str(db), read_only=True), connect(parquet)):
+        rows = reader.execute("SELECT call_id, from_number, to_number, transcript, recording_url FROM calls").fetchall()
+        assert len(rows) == len(p.sent.calls)
+        for call_id, from_n, to_n, transcript, url in rows:
+            sent = p.sent.calls[call_id]
+            assert from_n == (hash_number(sent["from_number"], key.encode()) if sent.get("from_number") else None)
+            assert to_n == (hash_number(sent["to_number"], key.encode()) if sent.get("to_number") else None)
+            assert transcript is None and url is None
+        assert reader.execute("SELECT count(content) FROM call_utterances").fetchall() == [(0,)]
+        assert reader.execute("SELECT count(*) FROM call_utterances").fetchall() == [(p.sent.total_utterances(),)]
+        # Analysts still count callers: a hash stands for one number.
+        callers = {
+            (c["to_number"] if c.get("direction") == "outbound" else c.get("from_number"))
+            for c in p.sent.calls.values()
+        }
+        assert reader.execute("SELECT sum(callers) FROM daily_callers").fetchall() == [(len(callers - {None}),)]
+        reader.close()
