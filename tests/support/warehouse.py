@@ -23,6 +23,7 @@ TOPICS = {"t.call_analyzed": CALL_FAMILY, "t.chat_analyzed": CHAT_FAMILY}
 
 def build(db: Path, parquet: Path, batches: Iterable[list[dict[str, Any]]], personal: PersonalData = KEEP_ALL) -> None:
     """Load each batch of webhook bodies (calls and chats) as one load, publishing after each."""
+    db.parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(str(db))
     migrate(con)
     publisher = ParquetPublisher(con, parquet, min_interval=0, compression="uncompressed")

@@ -17,8 +17,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def built_warehouse(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Path:
-    """Simulated calls and chats of several days, loaded by `callstream sink --until-caught-up`."""
+def built_warehouse(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> tuple[Path, set[str]]:
+    """Simulated calls and chats of several days, loaded by `callstream sink --until-caught-up`; and
+    every phone number they hold."""
     import os
     import subprocess
     import time
@@ -60,7 +61,8 @@ def built_warehouse(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: s
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    return tmp / "parquet"
+    numbers = {c[k] for c in p.sent.calls.values() for k in ("from_number", "to_number") if c.get(k)}
+    return tmp / "parquet", numbers
 
 
 def _lake_env(parquet: Path) -> dict[str, str]:
@@ -73,9 +75,12 @@ def test_there_are_at_least_two_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_against_the_warehouse(path: Path, built_warehouse: Path, monkeypatch, tmp_path: Path):
-    monkeypatch.setenv("CALLSTREAM_PARQUET_DIR", str(built_warehouse))
-    for k, v in _lake_env(built_warehouse).items():
+def test_notebook_runs_against_the_warehouse(
+    path: Path, built_warehouse: tuple[Path, set[str]], monkeypatch, tmp_path: Path
+):
+    parquet, numbers = built_warehouse
+    monkeypatch.setenv("CALLSTREAM_PARQUET_DIR", str(parquet))
+    for k, v in _lake_env(parquet).items():
         monkeypatch.setenv(k, v)
     # Only the project's own kernel spec: "python" in it resolves to this interpreter (the venv), so
     # a kernel installed elsewhere on the machine (~/.local/share/jupyter) can never be picked up.
@@ -91,3 +96,6 @@ def test_notebook_runs_against_the_warehouse(path: Path, built_warehouse: Path, 
     assert outputs[-1]["text"].strip() == sys.prefix
     # The charts were drawn.
     assert any("image/png" in o.get("data", {}) for o in outputs)
+    # The warehouse keeps the numbers as sent (the default), and no report shows one.
+    shown = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert numbers and not [n for n in numbers if n in shown or n[2:] in shown]

@@ -116,3 +116,21 @@ def test_an_unloadable_record_goes_to_the_dead_letter_topic_and_its_offset_is_co
     finally:
         log.close()
     assert sum(stored_offsets(lake_catalog(embedded_lake)).values()) == 6
+
+
+def test_the_lake_sink_applies_the_personal_data_settings(
+    traffic, run_lake_sink, embedded_lake, lake_catalog, tmp_path
+):
+    p = traffic(seed=44, turns=(2, 4))
+    p.send(30, scenario="completed")
+    p.flush()
+    run_lake_sink(embedded_lake, CALLSTREAM_STORE_PHONE_NUMBERS="mask", CALLSTREAM_STORE_RECORDING_URLS="drop")
+    copy = tmp_path / "lake.duckdb"
+    copy_to_duckdb(lake_catalog(embedded_lake), copy)
+    with duckdb.connect(str(copy), read_only=True) as con:
+        stored = con.execute("SELECT call_id, from_number, to_number, recording_url, transcript FROM calls").fetchall()
+    assert len(stored) == 30
+    for call_id, from_n, to_n, url, transcript in stored:
+        sent = p.sent.calls[call_id]
+        assert from_n == "****" + sent["from_number"][-4:] and to_n == "****" + sent["to_number"][-4:]
+        assert url is None and transcript == sent["transcript"]  # transcripts are kept unless told
