@@ -154,6 +154,9 @@ class FakeConsumer:
             time.sleep(timeout)
         return got
 
+    def position(self, parts):
+        return [type(tp)(tp.topic, tp.partition, self.pos.get((tp.topic, tp.partition), -1001)) for tp in parts]
+
     def commit(self, *a, **k):
         pass
 

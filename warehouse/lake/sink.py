@@ -133,7 +133,15 @@ class LakeSink:
 
     def caught_up(self) -> bool:
         """Every assigned partition is read up to the end it had when it was assigned."""
-        return bool(self._assigned) and all(self._consumed.get(tp, 0) >= self._high.get(tp, 0) for tp in self._assigned)
+        if not self._assigned:
+            return False
+        # A transaction's marker takes an offset but is no message: the consumer's position counts it.
+        behind = [
+            TopicPartition(t, p) for t, p in self._assigned if self._consumed.get((t, p), 0) < self._high.get((t, p), 0)
+        ]
+        return not behind or all(
+            tp.offset >= self._high.get((tp.topic, tp.partition), 0) for tp in self.consumer.position(behind)
+        )
 
     # -- loading -------------------------------------------------------------------------------
 
