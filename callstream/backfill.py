@@ -146,12 +146,14 @@ def _array(path: Path, f: BinaryIO, line: int) -> Iterator[Call | Bad]:
                 if len(buf) - pos > MAX_RECORD_BYTES:
                     yield Bad(f"{path}:{line}", f"a record over {MAX_RECORD_BYTES >> 20} MiB", rest_skipped=True)
                     return
-                chunk = f.read(_CHUNK)
+                # At least as much again as the record so far: a record much bigger than a chunk is
+                # parsed again a few times, not once per chunk.
+                chunk = f.read(max(_CHUNK, len(buf) - pos))
                 eof = not chunk
                 buf, pos = buf[pos:] + text.decode(chunk, final=eof), 0
                 continue
-            if eof and pos >= len(buf):
-                yield Bad(f"{path}:{line}", "the JSON array is not closed (the file ends early)", rest_skipped=True)
+            if eof and (pos >= len(buf) or _maybe_cut(exc, buf)):
+                yield Bad(f"{path}:{line}", "the file ends before its JSON array does (cut short?)", rest_skipped=True)
             else:
                 at = line + buf.count("\n", pos, min(exc.pos, len(buf)))
                 yield Bad(f"{path}:{at}", f"not valid JSON ({exc.msg})", rest_skipped=True)

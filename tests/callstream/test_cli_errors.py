@@ -113,7 +113,6 @@ CASES: dict[str, Case] = {
     ),
     # replay and backfill
     "replay dead-letter, Kafka down": Case(["replay", "dead-letter"], "Kafka"),
-    "backfill, Kafka down": Case(["backfill", "calls.jsonl"], "Kafka", files={"calls.jsonl": '{"call_id": "c1"}\n'}),
     "backfill, no such file": Case(["backfill", "nowhere.json"], "does not exist"),
     # port in use
     "gateway, port in use": Case(["gateway", "--port", "{held}"], "--port", env=KEY, hold_port=True),

@@ -163,7 +163,7 @@ def _committed(bootstrap: str, group: str, topic: str) -> int:
 
 @pytest.mark.kafka
 def test_a_replay_killed_halfway_and_run_again_writes_every_event_once(kafka_bootstrap, topics, service_env, tmp_path):
-    dl, n = f"{topics}.dead_letter", 6000
+    dl, n = f"{topics}.dead_letter", 4000
     p = _producer(kafka_bootstrap)
     for i in range(n):
         p.produce(dl, value=_body("call_ended", f"k{i}"), headers=[(Header.EVENT, b"")])

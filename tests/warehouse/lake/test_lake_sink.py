@@ -118,36 +118,29 @@ def test_an_unloadable_record_goes_to_the_dead_letter_topic_and_its_offset_is_co
     assert sum(stored_offsets(lake_catalog(embedded_lake)).values()) == 6
 
 
-def test_the_lake_sink_applies_the_personal_data_settings(
-    traffic, run_lake_sink, embedded_lake, lake_catalog, tmp_path
+def test_the_lake_sink_applies_the_personal_data_settings_and_ends_past_transaction_markers(
+    traffic, kafka_bootstrap, topics, run_lake_sink, embedded_lake, lake_catalog, tmp_path
 ):
+    from confluent_kafka import Producer
+
     p = traffic(seed=44, turns=(2, 4))
-    p.send(30, scenario="completed")
-    p.flush()
-    run_lake_sink(embedded_lake, CALLSTREAM_STORE_PHONE_NUMBERS="mask", CALLSTREAM_STORE_RECORDING_URLS="drop")
+    tx = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"test-lake-{topics}"})
+    tx.init_transactions(30)
+    sent = {}
+    for _ in range(3):  # as `callstream replay` writes: each commit marker takes an offset
+        ev = p.factory.events("completed")[-1]
+        sent[ev.key] = ev.payload["call"]
+        tx.begin_transaction()
+        tx.produce(f"{topics}.call_analyzed", key=ev.key.encode(), value=ev.body())
+        tx.commit_transaction(30)
+    out = run_lake_sink(embedded_lake, CALLSTREAM_STORE_PHONE_NUMBERS="mask", CALLSTREAM_STORE_RECORDING_URLS="drop")
+    assert "3 records" in out, out[-3000:]  # --until-caught-up ended, past the last marker
     copy = tmp_path / "lake.duckdb"
     copy_to_duckdb(lake_catalog(embedded_lake), copy)
     with duckdb.connect(str(copy), read_only=True) as con:
         stored = con.execute("SELECT call_id, from_number, to_number, recording_url, transcript FROM calls").fetchall()
-    assert len(stored) == 30
+    assert len(stored) == 3
     for call_id, from_n, to_n, url, transcript in stored:
-        sent = p.sent.calls[call_id]
-        assert from_n == "****" + sent["from_number"][-4:] and to_n == "****" + sent["to_number"][-4:]
-        assert url is None and transcript == sent["transcript"]  # transcripts are kept unless told
-
-
-def test_until_caught_up_ends_on_topics_a_transactional_producer_wrote(
-    traffic, kafka_bootstrap, topics, run_lake_sink, embedded_lake
-):
-    from confluent_kafka import Producer
-
-    factory = traffic(seed=45, turns=(2, 3)).factory
-    p = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"test-lake-{topics}"})
-    p.init_transactions(30)
-    for _ in range(3):  # as `callstream replay` writes: each commit marker takes an offset
-        ev = factory.events("completed")[-1]
-        p.begin_transaction()
-        p.produce(f"{topics}.call_analyzed", key=ev.key.encode(), value=ev.body())
-        p.commit_transaction(30)
-    out = run_lake_sink(embedded_lake)
-    assert "3 records" in out, out[-3000:]
+        call = sent[call_id]
+        assert from_n == "****" + call["from_number"][-4:] and to_n == "****" + call["to_number"][-4:]
+        assert url is None and transcript == call["transcript"]  # transcripts are kept unless told
