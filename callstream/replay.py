@@ -41,9 +41,9 @@ from kernel.settings import CommonSettings
 from kernel.topics import ensure_topics
 
 log = logging.getLogger(__name__)
-# librdkafka's own lines (a coordinator still loading, retried by itself): errors only; failures raise.
+# librdkafka's own lines (every failed connection, a coordinator still loading): failures raise instead.
 _librdkafka = logging.getLogger("callstream.replay.librdkafka")
-_librdkafka.setLevel(logging.ERROR)
+_librdkafka.setLevel(logging.CRITICAL)
 
 SOURCES = {"dead-letter": DEAD_LETTER, "unknown": UNKNOWN}
 # Headers that describe the old placement, not the event: a routed copy does not carry them.
@@ -167,7 +167,13 @@ class Replay:
 
     def _assign(self) -> int:
         """Assign the source's partitions at the committed offsets; return how many events lie ahead."""
-        meta = self.consumer.list_topics(self.source, timeout=15).topics.get(self.source)
+        try:
+            meta = self.consumer.list_topics(self.source, timeout=15).topics.get(self.source)
+        except KafkaException as exc:
+            raise ReplayError(
+                f"cannot reach Kafka at {self.bootstrap} ({exc.args[0].str() if exc.args else exc}): is it running? "
+                "(`callstream kafka start` for a local one)"
+            ) from exc
         if meta is None or meta.error is not None or not meta.partitions:
             return 0
         tps = [TopicPartition(self.source, p) for p in sorted(meta.partitions)]
@@ -265,12 +271,12 @@ class Replay:
         try:
             if not self.dry_run:
                 ensure_topics(self.bootstrap, self.prefix, partitions=self.partitions)
+                # Before the offsets are read: a run still going stops committing from here on.
+                self.producer = self._open_producer()
             total = self._assign()
             on_total(total)
             if not total:
                 return self.stats
-            if not self.dry_run:
-                self.producer = self._open_producer()
             while not self._done() and not self.stop.is_set():
                 if self.producer is not None:
                     self.producer.begin_transaction()
@@ -281,7 +287,14 @@ class Replay:
                 self._commit()
                 progress(len(batch))
         except KafkaException as exc:
-            raise ReplayError(f"replaying {self.source} failed: {exc.args[0].str() if exc.args else exc}") from exc
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError._FENCED:
+                self._in_transaction = False  # the run that fenced this one aborts it
+                raise ReplayError(
+                    f"another `callstream replay` of {self.source} started and took over; this one stopped "
+                    "(what it committed stays, nothing is written twice)"
+                ) from exc
+            raise ReplayError(f"replaying {self.source} failed: {err.str() if err else exc}") from exc
         finally:
             self._close()
         return self.stats
