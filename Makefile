@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake clean chromium postgresql
+.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake bench-ops clean chromium postgresql
 
 $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
@@ -75,6 +75,9 @@ bench-simulate: $(STAMP)
 
 bench-lake: $(STAMP)
 	$(BIN)/python -m bench.lake $(BENCH_ARGS)
+
+bench-ops: $(STAMP)
+	$(BIN)/python -m bench.ops $(BENCH_ARGS)
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache
