@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,18 +106,24 @@ def open_stream(path: Path, on_read: Callable[[int], None] = lambda n: None) -> 
 
 
 def records(path: Path, on_read: Callable[[int], None] = lambda n: None) -> Iterator[Call | Bad]:
-    """The call objects of one file, in order, with what cannot be read as `Bad`."""
+    """The call objects of one file, in order, with what cannot be read as `Bad`. A file that cannot
+    be read on (a damaged gzip stream, bytes that are not UTF-8 in an array) raises `BackfillError`."""
     with open_stream(path, on_read) as f:
-        line = 1
-        while True:  # leading whitespace: the first other byte says which format this is
-            first = f.peek(1)[:1]  # type: ignore[attr-defined]
-            if first not in (b" ", b"\t", b"\r", b"\n"):
-                break
-            line += f.read(1) == b"\n"
-        if first == b"[":
-            yield from _array(path, f, line)
-        elif first:
-            yield from _lines(path, f, line)
+        try:
+            line = 1
+            while True:  # leading whitespace: the first other byte says which format this is
+                first = f.peek(1)[:1]  # type: ignore[attr-defined]
+                if first not in (b" ", b"\t", b"\r", b"\n"):
+                    break
+                line += f.read(1) == b"\n"
+            if first == b"[":
+                yield from _array(path, f, line)
+            elif first:
+                yield from _lines(path, f, line)
+        except UnicodeDecodeError as exc:
+            raise BackfillError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start} of a chunk)") from exc
+        except (OSError, EOFError, zlib.error) as exc:
+            raise BackfillError(f"cannot read {path} on: {exc} (a damaged or cut gzip file?)") from exc
 
 
 def _lines(path: Path, f: BinaryIO, line: int) -> Iterator[Call | Bad]:
@@ -170,10 +177,7 @@ class _Utf8:
         self._d = codecs.getincrementaldecoder("utf-8")(errors="strict")
 
     def decode(self, b: bytes, final: bool = False) -> str:
-        try:
-            return str(self._d.decode(b, final))
-        except UnicodeDecodeError as exc:
-            raise BackfillError(f"the file is not UTF-8 text ({exc.reason})") from exc
+        return str(self._d.decode(b, final))
 
 
 def _skip_separators(buf: str, pos: int, line: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from callstream import backfill
-from callstream.backfill import Bad, Call, records, to_event
+from callstream.backfill import BackfillError, Bad, Call, records, to_event
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.localkafka import free_port
 from callstream.procs import Process
@@ -119,6 +119,18 @@ def test_malformed_records_are_named_by_file_and_line(tmp_path):
     short.write_text('[{"call_id": "a"}, {"call_id": "b"')
     *_, end = _read(short)
     assert isinstance(end, Bad) and "the file ends before its JSON array does" in end.reason
+
+
+def test_a_damaged_file_is_an_error_that_names_it(tmp_path):
+    whole = gzip.compress(b"".join(orjson.dumps(c) + b"\n" for c in _calls(200)))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(BackfillError, match=f"cannot read {cut} on: .*damaged or cut gzip"):
+        _read(cut)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"call_id": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(BackfillError, match="is not UTF-8 text"):
+        _read(latin)
 
 
 def test_an_event_is_the_webhook_body_with_the_gateways_headers():
