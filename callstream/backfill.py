@@ -312,6 +312,8 @@ class Backfill:
                     "enable.idempotence": True,
                     "compression.type": "lz4",
                     "linger.ms": 20,
+                    # Reading outruns Kafka: a full queue makes produce() wait, which bounds memory.
+                    "queue.buffering.max.kbytes": 32768,
                     "client.id": "callstream-backfill",
                 }
             )
