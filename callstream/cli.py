@@ -18,6 +18,7 @@ import click
 from pydantic import ValidationError
 
 from callstream.config import warn_unknown_variables
+from callstream.localcluster import LocalCluster, configured
 from callstream.localkafka import LocalKafka
 from callstream.ports import require_free
 from kernel.errors import CallstreamError
@@ -105,15 +106,19 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 @main.group()
 def kafka() -> None:
-    """A local single-node Apache Kafka (KRaft) without Docker, fetched once with Maven."""
+    """A local Apache Kafka (KRaft) without Docker, fetched once with Maven: one broker, or a
+    cluster of several with --brokers (each node broker and controller, data and ports of its own)."""
 
 
-def _local(port: int | None, home: str | None) -> LocalKafka:
-    return LocalKafka.configured(port=port, home=Path(home) if home is not None else None)
+def _local(port: int | None, home: str | None, brokers: int | None = None) -> LocalKafka | LocalCluster:
+    return configured(brokers=brokers, port=port, home=Path(home) if home is not None else None)
 
 
 _port = click.option(
-    "--port", type=int, default=None, help="Broker port (default: from CALLSTREAM_KAFKA_BOOTSTRAP, 9092)."
+    "--port",
+    type=int,
+    default=None,
+    help="Broker port, of the first node in a cluster (default: from CALLSTREAM_KAFKA_BOOTSTRAP, 9092).",
 )
 _home = click.option(
     "--home", default=None, help="Folder for jars, data and logs (default CALLSTREAM_KAFKA_HOME or ./.kafka)."
@@ -123,17 +128,25 @@ _home = click.option(
 @kafka.command("start")
 @_port
 @_home
-@click.option("--wait", default=90.0, show_default=True, help="Seconds to wait for the broker to answer.")
-def kafka_start(port: int | None, home: str | None, wait: float) -> None:
-    """Start the broker (fetching it on first use) and wait until it answers. Idempotent."""
-    _local(port, home).start(wait=wait, say=click.echo)
+@click.option(
+    "--brokers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Nodes in the cluster (default: as many as CALLSTREAM_KAFKA_BOOTSTRAP lists, so 1). With 3 or more, "
+    "topics get 3 replicas and min.insync.replicas 2. On one host the nodes take ports 9092, 9094, ... "
+    "(each controller the next port) unless CALLSTREAM_KAFKA_BOOTSTRAP lists as many servers.",
+)
+@click.option("--wait", default=90.0, show_default=True, help="Seconds to wait for the broker (or cluster) to answer.")
+def kafka_start(port: int | None, home: str | None, brokers: int | None, wait: float) -> None:
+    """Start the broker or cluster (fetching Kafka on first use) and wait until it answers. Idempotent."""
+    _local(port, home, brokers).start(wait=wait, say=click.echo)
 
 
 @kafka.command("stop")
 @_port
 @_home
 def kafka_stop(port: int | None, home: str | None) -> None:
-    """Stop the broker that `kafka start` started, and wait until its JVM is gone."""
+    """Stop the broker, or every node of the cluster, that `kafka start` started, and wait until the JVMs are gone."""
     _local(port, home).stop(say=click.echo)
 
 
@@ -141,7 +154,7 @@ def kafka_stop(port: int | None, home: str | None) -> None:
 @_port
 @_home
 def kafka_status(port: int | None, home: str | None) -> None:
-    """Say whether the broker runs; exit status 1 when it does not answer."""
+    """Say whether the broker (every node of the cluster) runs; exit status 1 when one does not answer."""
     k = _local(port, home)
     click.echo(k.status())
     sys.exit(0 if k.running() else 1)

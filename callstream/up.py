@@ -140,7 +140,9 @@ class Stack:
         else:
             self.kafka = LocalKafka.configured()
             self.kafka.start(say=self._tell)
-        ensure_topics(common.kafka_bootstrap, common.topic_prefix, common.topic_partitions)
+        ensure_topics(
+            common.kafka_bootstrap, common.topic_prefix, common.topic_partitions, replication=common.replication()
+        )
         gateway_url, worker_url = f"http://127.0.0.1:{self.gateway_port}", f"http://127.0.0.1:{self.web_port}"
         self._spawn("gateway", ["gateway", "--port", str(self.gateway_port)], env, logs, gateway_url)
         self._spawn("worker", ["worker", "--web-port", str(self.web_port)], env, logs, worker_url)

@@ -236,6 +236,16 @@ def set_partitions(app: faust.App, table: Any, partitions: int) -> None:
     table.changelog_topic.partitions = partitions
 
 
+def set_replication(app: faust.App, table: Any, factor: int, min_insync: int) -> None:
+    """Give the table's changelog (and Faust's own internal topics) `factor` replicas, and the
+    changelog's writes `min_insync` of them before they count. Only effective before the table
+    manager starts, which declares the changelog topic."""
+    app.conf.topic_replication_factor = factor
+    topic = table.changelog_topic
+    topic.replicas = factor
+    topic.config = {**(topic.config or {}), "min.insync.replicas": str(min_insync)}
+
+
 def remember_partition(table: Any, key: bytes, partition: int) -> None:
     """Tell the memory store which partition a key belongs to, as its own changelog reader does,
     so that it forgets the key when the partition moves to another worker."""

@@ -16,7 +16,7 @@ from kernel.catalogue import UNKNOWN, Header
 from streams.alertrules import RATE_RULE, load_config
 from streams.alerts import AlertFeed, WebhookSender, encode_alert, failure_rate_alerts
 from streams.errors import StateUnreadable, StreamsError, WorkerStopped
-from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer
+from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer, set_replication
 from streams.groupview import GroupView
 from streams.metrics import WINDOW_MS
 from streams.processor import Alert, EventMessage, Processor
@@ -100,17 +100,20 @@ class Worker:
     # -- the topic gate (runs in a thread, before Faust's producer and consumer start) ------------
 
     def _await_topics(self, stop: threading.Event) -> None:
-        partitions = await_partitions(
+        layout = await_partitions(
             self.settings.kafka_bootstrap,
             self.topics,
             create_partitions=self.settings.topic_partitions,
             group=self.app.conf.id,
             on_wait=self._waiting,
             stop=stop,
+            replication=self.settings.replication(),
         )
-        if partitions is None:
+        if layout is None:
             return
+        partitions = layout.partitions
         set_partitions(self.app, self.table, partitions)
+        set_replication(self.app, self.table, layout.replication, layout.min_insync)
         self.view.partitions = partitions
         self.readiness.recovering()
         log.info(

@@ -173,7 +173,8 @@ class Sink:
         return int(self.consumer.get_watermark_offsets(TopicPartition(t, p), timeout=15)[0])
 
     def _assign(self) -> None:
-        ensure_topics(self.cfg.kafka_bootstrap, self.cfg.topic_prefix, partitions=self.cfg.topic_partitions)
+        cfg = self.cfg
+        ensure_topics(cfg.kafka_bootstrap, cfg.topic_prefix, cfg.topic_partitions, replication=cfg.replication())
         if ledger.verify_and_repair(self.con, self._seq, self._low_watermark):
             self.say(
                 "sink: the warehouse differed from its load ledger after a restart; reloading those loads "

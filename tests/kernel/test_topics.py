@@ -27,7 +27,7 @@ def test_a_topic_created_later_by_someone_else_ends_the_wait(kafka_bootstrap, pr
     later = threading.Timer(1.5, lambda: create_missing(AdminClient({"bootstrap.servers": kafka_bootstrap}), [name], 2))
     later.start()
     try:
-        counts = wait_for_topics(kafka_bootstrap, [name], on_wait=said.append, say_every=0.5, poll=0.2)
+        counts = wait_for_topics(kafka_bootstrap, [name], on_wait=said.append, say_every=0.5)
     finally:
         later.cancel()
     assert counts == {name: 2}
@@ -46,7 +46,6 @@ def test_an_unreachable_broker_is_named_while_waiting_and_stop_ends_it(capfd):
         on_wait=said.append,
         stop=stop,
         say_every=0.5,
-        poll=0.2,
         request_timeout=1.0,
     )
     assert counts == {}
