@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake clean chromium postgresql
+.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake bench-cluster clean chromium postgresql netns
 
 $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
@@ -33,7 +33,7 @@ up: $(STAMP)
 
 ## make test: lint, format and type checks, then the whole test suite against a real Kafka broker
 ## that the suite starts itself (and PostgreSQL, S3Proxy for the lake tests).
-test: lint chromium postgresql
+test: lint chromium postgresql netns
 	$(BIN)/callstream kafka start --help >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -46,6 +46,12 @@ chromium:
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql; } \
 		|| echo "WARNING: could not install Debian's postgresql (apt-get as root); the shared-lake tests will be skipped"
+
+## iproute2 and iptables for the cluster tests: each broker and service on a host of its own (a network
+## namespace), partitions and a slow, lossy link.
+netns:
+	@{ command -v ip && command -v iptables; } >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq iproute2 iptables; } \
+		|| echo "WARNING: could not install iproute2 and iptables (apt-get as root); the cluster tests run on loopback ports and skip the partition and latency faults"
 
 kafka: $(STAMP)
 	$(BIN)/callstream kafka start
@@ -75,6 +81,9 @@ bench-simulate: $(STAMP)
 
 bench-lake: $(STAMP)
 	$(BIN)/python -m bench.lake $(BENCH_ARGS)
+
+bench-cluster: $(STAMP)
+	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache

@@ -83,14 +83,16 @@ class LocalCluster:
         brokers: int,
         host: str = "127.0.0.1",
         ports: Sequence[int] = (),
+        controller_ports: Sequence[int] = (),
         **node: Any,
     ) -> LocalCluster:
-        """`brokers` nodes on one host: at `ports` (each with its controller on the next port), or
-        at 9092, 9094, ... when `ports` is the first port alone."""
+        """`brokers` nodes on one host: at `ports` (each with its controller on the next port unless
+        `controller_ports` says), or at 9092, 9094, ... when `ports` is the first port alone."""
         if len(ports) != brokers:
             first = ports[0] if ports else 9092
             ports = [first + 2 * i for i in range(brokers)]
-        return cls._make(home, [(Host(host), port, port + 1) for port in ports], node)
+        controllers = controller_ports if len(controller_ports) == brokers else [p + 1 for p in ports]
+        return cls._make(home, [(Host(host), p, c) for p, c in zip(ports, controllers, strict=True)], node)
 
     @classmethod
     def on_hosts(

@@ -279,6 +279,7 @@ class LocalKafka:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
+        _reap(pid)  # a JVM this process started and that was killed is a zombie until reaped
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -10,9 +10,10 @@ import orjson
 
 
 class Receiver:
-    """`with Receiver() as r:` serves on a free loopback port; `r.bodies` holds what arrived."""
+    """`with Receiver() as r:` serves on a free loopback port (or a free port of `host`); `r.bodies`
+    holds what arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.bodies: list[Any] = []
         self._lock = threading.Lock()
         owner = self
@@ -29,8 +30,8 @@ class Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}/hook"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def received(self) -> list[Any]:
