@@ -168,4 +168,4 @@ def test_the_hosts_of_a_worker_and_a_gateway_lost(stack: Stack) -> None:
     assert late == [], f"the lost gateway answered after its host was gone: {late[:5]}"
     after = [a for a in tally.attempts if a.at - a.seconds > lost]
     assert after and all(a.gateway == 0 for a in after if 200 <= a.status < 300)
-    stack.audit(tally, survivors=[kept])
+    stack.audit(tally, survivors=[kept], worker_lost=True)
