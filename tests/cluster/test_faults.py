@@ -34,8 +34,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.cluster]
 RATE = 500.0  # events/s of the realistic mix, the issue's load
 # A gateway answers 503 while Kafka does not acknowledge within its 5 s: after a broker dies, until
 # the controllers fence it (the nodes' session timeout, 6 s) and its partitions have new leaders.
-# The 503s must all come within this long after the kill: a burst, not a state.
-BURST_S = 30.0
+# The 503s must all come after the kill and within this long: a burst, not a state. (The test
+# prints the burst; the bound is loose because a machine short of CPU stretches every answer.)
+BURST_S = 60.0
 
 
 @pytest.fixture(scope="module")
