@@ -236,13 +236,16 @@ def configured(
     a cluster of `brokers` (or of as many nodes as CALLSTREAM_KAFKA_BOOTSTRAP lists), else one broker."""
     cfg = LocalKafkaSettings()
     home = (home or cfg.kafka_home).resolve()
-    servers = [s.strip().rpartition(":") for s in cfg.kafka_bootstrap.split(",")]
-    first = port or int(servers[0][2])
-    recorded = home / f"cluster-{first}.json"
+    servers = [(h, int(p)) for h, _, p in (s.strip().rpartition(":") for s in cfg.kafka_bootstrap.split(","))]
+    recorded = home / f"cluster-{port or servers[0][1]}.json"
+    node: dict[str, Any] = {"jars": cfg.jars(home), "version": cfg.kafka_version}
     if brokers is None and recorded.exists():
-        return LocalCluster.load(recorded, jars=cfg.jars(home), version=cfg.kafka_version)
+        return LocalCluster.load(recorded, **node)
     count = brokers or len(servers)
     if count == 1:
         return LocalKafka.configured(port=port, home=home)
-    ports = [int(p) for _, _, p in servers] if port is None else [port]
-    return LocalCluster.on_ports(home, count, servers[0][0], ports, jars=cfg.jars(home), version=cfg.kafka_version)
+    if count == len(servers) and port is None:  # a node on each server the bootstrap lists
+        if len(set(servers)) < count:
+            raise KafkaSetupError(f"CALLSTREAM_KAFKA_BOOTSTRAP lists a server twice: {cfg.kafka_bootstrap}")
+        return LocalCluster._make(home, [(Host(h), p, p + 1) for h, p in servers], node)
+    return LocalCluster.on_ports(home, count, servers[0][0], [port or servers[0][1]], **node)

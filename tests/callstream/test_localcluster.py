@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from callstream.localcluster import LocalCluster, brokers_seen, configured
 from callstream.localkafka import LocalKafka, free_port
+from kernel.errors import KafkaSetupError
 from kernel.topics import ensure_topics
 from tests.support.paths import KAFKA_JARS
 
@@ -71,6 +72,21 @@ def test_the_bootstrap_list_gives_the_nodes_and_a_started_cluster_is_found_again
     found = configured(home=workdir / "k")  # what `stop` and `status` see with only the first node named
     assert isinstance(found, LocalCluster) and found.bootstrap == cluster.bootstrap
     assert {n.cluster_id for n in found.nodes} == {"cid"}
+
+
+def test_a_node_on_each_host_the_bootstrap_names_and_a_server_named_twice_is_refused(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CALLSTREAM_KAFKA_BOOTSTRAP", "10.0.0.1:9092,10.0.0.2:9092,10.0.0.3:9092")
+    cluster = configured(home=workdir / "k")
+    assert isinstance(cluster, LocalCluster)
+    assert [n.state.name for n in cluster.nodes] == ["node-1", "node-2", "node-3"]
+    assert _properties(cluster.nodes[1])["controller.quorum.voters"] == (
+        "1@10.0.0.1:9093,2@10.0.0.2:9093,3@10.0.0.3:9093"
+    )
+    monkeypatch.setenv("CALLSTREAM_KAFKA_BOOTSTRAP", "10.0.0.1:9092,10.0.0.1:9092")
+    with pytest.raises(KafkaSetupError, match="lists a server twice"):
+        configured(home=workdir / "k")
 
 
 def _cli(*args: str, home: Path, port: int) -> subprocess.CompletedProcess[str]:

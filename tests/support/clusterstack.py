@@ -11,6 +11,7 @@ child rows (tests.support.audit), every alert once.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -127,9 +128,8 @@ class Stack:
     sink: Service | None = None
 
     def env(self, name: str) -> dict[str, str]:
-        return {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": str(self.folder),
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLSTREAM_", "RETELL_"))}
+        return env | {
             "PYTHONUNBUFFERED": "1",
             "CALLSTREAM_KAFKA_BOOTSTRAP": self.brokers.bootstrap,
             "CALLSTREAM_TOPIC_PREFIX": self.prefix,

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from callstream.procs import Process, spawn
+from tests.support.paths import REPO
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -142,6 +143,7 @@ class NetHost:
             [*self.wrapper, sys.executable, "-m", "tests.support.nfdelay", "--queue", "1", "--delay-ms", str(delay_ms)],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
+            cwd=REPO,
         )
         assert self.delayer.stdout is not None
         self.delayer.stdout.readline()  # bound: packets may go to the queue now
