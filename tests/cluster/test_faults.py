@@ -123,6 +123,12 @@ def test_a_broker_partitioned_for_30_s(stack: Stack, brokers: Brokers) -> None:
     host.heal()
     tally = spread.join()
     say(f"{host.name} partitioned from 5 s to 35 s: {tally.summary()}")
+    # Two brokers of three hold every partition's writes: once the nodes fenced the third and the
+    # gateway gave up on its requests to it, deliveries are taken again while it is still cut off.
+    # (With librdkafka's default 60 s socket timeout most of them still got 503 here.)
+    cut_off = [a for a in tally.attempts if healed - 5 < a.at - a.seconds < healed]
+    refused = sum(1 for a in cut_off if a.status != 204)
+    assert cut_off and refused < 0.1 * len(cut_off), f"{refused} of {len(cut_off)} refused in the partition's last 5 s"
     assert [a for a in tally.attempts if a.at - a.seconds > healed and a.status == 204], "no 204 after the heal"
     stack.audit(tally)
     stack.in_sync()
