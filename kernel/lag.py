@@ -33,6 +33,14 @@ class GroupLag:
         self.timeout_s = timeout_s
         self._admin = AdminClient({"bootstrap.servers": bootstrap}, error_cb=lambda _err: None, logger=_librdkafka)
 
+    def partitions(self, topics: Iterable[str]) -> list[Partition]:
+        """Every partition of `topics` (those that exist) as the brokers list them now."""
+        try:
+            meta = self._admin.list_topics(timeout=self.timeout_s)
+        except KafkaException as exc:
+            raise LagUnavailable(f"consumer lag of {self.group}: {exc}") from exc
+        return [(t, p) for t in topics if t in meta.topics for p in sorted(meta.topics[t].partitions)]
+
     def query(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
         """Messages not yet committed by the group, per (topic, partition). Blocks up to a few seconds."""
         tps = [TopicPartition(t, p) for t, p in partitions]

@@ -31,6 +31,7 @@ from kernel.topics import ensure_topics
 from warehouse import ledger
 from warehouse.db import insert_rows, run, scalar, transaction
 from warehouse.errors import RecordError, WarehouseError
+from warehouse.metrics import sink_metrics
 from warehouse.migrations import create_all
 from warehouse.parquet import ParquetPublisher, current_snapshot
 from warehouse.records import FamilyBatch, Source
@@ -528,6 +529,7 @@ def run_sink(settings: SinkSettings, until_caught_up: bool = False) -> SinkStats
     sink = Sink(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sink.stop())
-    stats = sink.run(until_caught_up=until_caught_up)
+    with sink_metrics(settings, lambda: sink.stats):
+        stats = sink.run(until_caught_up=until_caught_up)
     log.info("sink stopped: %d records, %d rows, %d dead letters", stats.records, stats.rows, stats.dead_letters)
     return stats
