@@ -1,17 +1,21 @@
 """Consumer lag as Kafka's own tools report it: per partition, the log end offset minus the offset the
 consumer group committed (the whole retained log when it committed none).
 
-Asked of the brokers at every call (two Admin requests), not taken from the consumer's fetch state:
-a consumer that is stuck stops fetching, and its last fetched high watermark would show no lag.
+Asked of the brokers at every call, not taken from the consumer's fetch state: a consumer that is
+stuck stops fetching, and its last fetched high watermark would show no lag. A plain consumer that
+never joins the group asks (Admin's ListConsumerGroupOffsets crashed the interpreter, in
+confluent-kafka 2.16, while a fresh broker's group coordinator was loading).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from kernel.errors import CallstreamError
 
@@ -19,6 +23,7 @@ _librdkafka = logging.getLogger("kernel.lag.librdkafka")
 _librdkafka.setLevel(logging.CRITICAL)  # an unreachable broker is reported by the caller, once
 
 Partition = tuple[str, int]
+T = TypeVar("T")
 
 
 class LagUnavailable(CallstreamError):
@@ -31,40 +36,49 @@ class GroupLag:
     def __init__(self, bootstrap: str, group: str, timeout_s: float = 5.0) -> None:
         self.group = group
         self.timeout_s = timeout_s
-        self._admin = AdminClient({"bootstrap.servers": bootstrap}, error_cb=lambda _err: None, logger=_librdkafka)
+        self._consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False},
+            error_cb=lambda _err: None,
+            logger=_librdkafka,
+        )
+        self._lock = threading.Lock()  # one question at a time (two scrapes at once share the client)
 
     def partitions(self, topics: Iterable[str]) -> list[Partition]:
         """Every partition of `topics` (those that exist) as the brokers list them now."""
-        try:
-            meta = self._admin.list_topics(timeout=self.timeout_s)
-        except KafkaException as exc:
-            raise LagUnavailable(f"consumer lag of {self.group}: {exc}") from exc
+        deadline = time.monotonic() + self.timeout_s
+        with self._lock:
+            meta = self._ask(deadline, lambda wait: self._consumer.list_topics(timeout=wait))
         return [(t, p) for t in topics if t in meta.topics for p in sorted(meta.topics[t].partitions)]
 
     def query(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
-        """Messages not yet committed by the group, per (topic, partition). Blocks up to a few seconds."""
+        """Messages not yet committed by the group, per (topic, partition); within `timeout_s` in all."""
         tps = [TopicPartition(t, p) for t, p in partitions]
         if not tps:
             return {}
-        try:
-            ends = self._offsets(tps, OffsetSpec.latest())  # type: ignore[no-untyped-call]
-            committed = self._committed(tps)
-            fresh = [tp for tp in tps if committed.get((tp.topic, tp.partition), -1) < 0]
-            starts = self._offsets(fresh, OffsetSpec.earliest()) if fresh else {}  # type: ignore[no-untyped-call]
-        except (KafkaException, TimeoutError) as exc:
-            raise LagUnavailable(f"consumer lag of {self.group}: {exc}") from exc
-        out = {}
-        for key, end in ends.items():
-            done = committed.get(key, -1)
-            out[key] = max(0, end - (done if done >= 0 else starts.get(key, 0)))
+        deadline = time.monotonic() + self.timeout_s
+        with self._lock:
+            committed = self._ask(deadline, lambda wait: self._consumer.committed(tps, timeout=wait))
+            done = {(tp.topic, tp.partition): tp.offset for tp in committed}
+            out = {}
+            for tp in tps:
+                low, high = self._watermarks(deadline, tp)
+                start = done.get((tp.topic, tp.partition), -1)
+                out[(tp.topic, tp.partition)] = max(0, high - (start if start >= 0 else low))
         return out
 
-    def _offsets(self, tps: list[TopicPartition], spec: OffsetSpec) -> dict[Partition, int]:
-        futures = self._admin.list_offsets({tp: spec for tp in tps}, request_timeout=self.timeout_s)
-        return {(tp.topic, tp.partition): int(f.result(self.timeout_s).offset) for tp, f in futures.items()}
+    def _watermarks(self, deadline: float, tp: TopicPartition) -> tuple[int, int]:
+        low, high = self._ask(deadline, lambda wait: self._consumer.get_watermark_offsets(tp, timeout=wait))
+        return int(low), int(high)
 
-    def _committed(self, tps: list[TopicPartition]) -> dict[Partition, int]:
-        request = [ConsumerGroupTopicPartitions(self.group, tps)]
-        futures = self._admin.list_consumer_group_offsets(request, request_timeout=self.timeout_s)
-        got = futures[self.group].result(self.timeout_s)
-        return {(tp.topic, tp.partition): int(tp.offset) for tp in got.topic_partitions or []}
+    def _ask(self, deadline: float, ask: Callable[[float], T]) -> T:
+        """`ask(seconds left)`, again after a retriable error (a broker just started, a leader moving)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LagUnavailable(f"consumer lag of {self.group}: Kafka did not answer in {self.timeout_s:.0f} s")
+            try:
+                return ask(left)
+            except KafkaException as exc:
+                if not exc.args[0].retriable():
+                    raise LagUnavailable(f"consumer lag of {self.group}: {exc.args[0].str()}") from exc
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
