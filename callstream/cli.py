@@ -73,11 +73,6 @@ class Main(Group):
             raise _one_line(exc) from exc
 
 
-def _settings_error(exc: ValidationError) -> click.ClickException:
-    # Only the sink's body still catches its settings' errors itself; `Main` would do it as well.
-    return click.ClickException(config_problem(exc))
-
-
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="callstream", prog_name="callstream")
 @click.option(
@@ -238,14 +233,7 @@ def sink(until_caught_up: bool) -> None:
 
     if run_lake_sink_if_configured(until_caught_up):
         return
-    try:
-        cfg = SinkSettings()
-    except ValidationError as exc:
-        raise _settings_error(exc) from exc
-    try:
-        stats = run_sink(cfg, until_caught_up=until_caught_up)
-    except CallstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+    stats = run_sink(SinkSettings(), until_caught_up=until_caught_up)
     click.echo(f"sink: {stats.records} records, {stats.rows} rows, {stats.dead_letters} dead letters", err=True)
 
 

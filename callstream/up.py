@@ -30,6 +30,7 @@ from callstream.procs import Process
 from callstream.procs import callstream as start_callstream
 from callstream.simulate import SimulationPlan
 from callstream.simulate import run as simulate
+from kernel.catalogue import EventName
 from kernel.errors import CallstreamError
 from kernel.settings import CommonSettings
 from kernel.topics import ensure_topics
@@ -124,7 +125,7 @@ class Stack:
                 res = asyncio.run(simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key, plan))
                 self._tell(res.summary())
                 # Each call has one call_analyzed event, so this counts the calls the sink must load.
-                self._summary(res.statuses.get(204, 0), res.accepted_by_event["call_analyzed"])
+                self._summary(res.statuses.get(204, 0), res.accepted_by_event[EventName.CALL_ANALYZED])
                 if wait_forever:
                     self._watch(logs)
         except KeyboardInterrupt:
@@ -173,7 +174,7 @@ class Stack:
 
     def _summary(self, accepted: int, analyzed_calls: int) -> None:
         from warehouse.settings import SinkSettings
-        from warehouse.sink import status_path
+        from warehouse.status import status_path
 
         sink = SinkSettings()
         status = status_path(sink.warehouse)

@@ -329,19 +329,9 @@ def _check(stack: Stack, hook: Receiver) -> None:
         assert "Traceback" not in p.output(), f"{name}: {p.output()[-4000:]}"
 
 
-# The sink reads partition offsets right after it created the topics itself and dies on metadata
-# that does not show them yet (issue 11, finding 3); the warehouse branch makes it wait.
-NEEDS_SINK_WAITING = pytest.mark.xfail(
-    strict=True, reason="needs h-warehouse: the sink dies on topics it created a moment before"
-)
-
-
 @pytest.mark.kafka
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "order",
-    [pytest.param(o, marks=NEEDS_SINK_WAITING) if o in ("sink first", "all at once") else o for o in ORDERS],
-)
+@pytest.mark.parametrize("order", ORDERS)
 def test_compose_services_start_in_any_order_and_every_event_arrives(order: str, broker: str, tmp_path: Path) -> None:
     key = f"k_{uuid.uuid4().hex}"
     with Receiver() as hook:

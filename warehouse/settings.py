@@ -11,9 +11,8 @@ class SinkSettings(CommonSettings):
     # Kafka's committed offsets only show lag to operators; the sink resumes from DuckDB's.
     group_id: str = "callstream-warehouse"
     # A batch is loaded when it has this many records or bytes, or is this old (rows are queryable
-    # in DuckDB within batch_max_seconds, and in Parquet after the next publish). 2000 ~26 KB calls
-    # fit in the byte limit: fewer, bigger commits cost less CPU, and the peak RSS barely moves
-    # (decoded rows are a fraction of the JSON; measured 424 MB at 64 MiB, 410 MB at 32 MiB).
+    # in DuckDB within batch_max_seconds, and in Parquet after the next publish). Fewer, bigger
+    # commits cost less CPU, and decoded rows are a fraction of the JSON, so memory barely moves.
     batch_max_records: int = 2000
     batch_max_bytes: int = 64 * 1024 * 1024
     batch_max_seconds: float = 1.0

@@ -84,13 +84,6 @@ CASES: dict[str, Case] = {
         "w.duckdb",
         env={"CALLSTREAM_WAREHOUSE": "w.duckdb"},
         lock_duckdb="w.duckdb",
-        marks=(
-            pytest.mark.xfail(
-                strict=True,
-                reason="needs h-warehouse: the sink turns DuckDB's lock conflict (duckdb.IOException) into a "
-                "WarehouseError that names the file and what to do",
-            ),
-        ),
     ),
     # port in use
     "gateway, port in use": Case(["gateway", "--port", "{held}"], "--port", env=KEY, hold_port=True),
