@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from kernel.errors import CallstreamError
 
@@ -24,6 +24,22 @@ _librdkafka.setLevel(logging.CRITICAL)  # an unreachable broker is reported by t
 
 Partition = tuple[str, int]
 T = TypeVar("T")
+
+# Answers that change in a moment: a broker just started, a topic just created, a leader or the group
+# coordinator moving (librdkafka marks some of them retriable, not all).
+_PASSING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
 
 
 class LagUnavailable(CallstreamError):
@@ -71,7 +87,7 @@ class GroupLag:
         return int(low), int(high)
 
     def _ask(self, deadline: float, ask: Callable[[float], T]) -> T:
-        """`ask(seconds left)`, again after a retriable error (a broker just started, a leader moving)."""
+        """`ask(seconds left)`, again after a passing error, until the deadline."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -79,6 +95,7 @@ class GroupLag:
             try:
                 return ask(left)
             except KafkaException as exc:
-                if not exc.args[0].retriable():
-                    raise LagUnavailable(f"consumer lag of {self.group}: {exc.args[0].str()}") from exc
+                err = exc.args[0]
+                if not (err.retriable() or err.code() in _PASSING):
+                    raise LagUnavailable(f"consumer lag of {self.group}: {err.str()}") from exc
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
