@@ -110,16 +110,22 @@ CASES: dict[str, Case] = {
         )
         for args in (["worker"], ["up"])
     },
-    "worker, pagerduty route without its routing key": Case(
-        ["worker"],
-        "CALLSTREAM_PAGERDUTY_ROUTING_KEY",
-        env={"CALLSTREAM_ALERTS_CONFIG": "a.toml"},
-        files={"a.toml": PD_ROUTE},
-    ),
+    **{
+        f"{args[0]}, pagerduty route without its routing key": Case(
+            args,
+            "CALLSTREAM_PAGERDUTY_ROUTING_KEY",
+            env={"CALLSTREAM_ALERTS_CONFIG": "a.toml"},
+            files={"a.toml": PD_ROUTE},
+        )
+        for args in (["worker"], ["up"])
+    },
     # the read side open to everyone by mistake
-    "worker on 0.0.0.0 without dashboard tokens (.env)": Case(
-        ["worker"], "CALLSTREAM_DASHBOARD_TOKENS", dotenv=b"CALLSTREAM_WEB_HOST=0.0.0.0\n"
-    ),
+    **{
+        f"{args[0]} on 0.0.0.0 without dashboard tokens (.env)": Case(
+            args, "CALLSTREAM_DASHBOARD_TOKENS", dotenv=b"CALLSTREAM_WEB_HOST=0.0.0.0\n"
+        )
+        for args in (["worker"], ["up"])
+    },
 }
 
 
