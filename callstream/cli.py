@@ -74,11 +74,6 @@ class Main(Group):
             raise _one_line(exc) from exc
 
 
-def _settings_error(exc: ValidationError) -> click.ClickException:
-    # Only the sink's body still catches its settings' errors itself; `Main` would do it as well.
-    return click.ClickException(config_problem(exc))
-
-
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="callstream", prog_name="callstream")
 @click.option(
@@ -212,10 +207,13 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
     """The Faust app: live metrics, alerts and the live dashboard (default http://127.0.0.1:6066/).
 
     JSON at /api/metrics, Prometheus at /metrics, GET /healthz (alive) and /readyz (503 and why until
-    its partitions are assigned and recovered). It creates missing topics and waits for Kafka and
-    them. Alert rules: the shipped defaults, overridden by the TOML file CALLSTREAM_ALERTS_CONFIG
-    names; alerts go to <prefix>.alerts and are POSTed to CALLSTREAM_ALERT_WEBHOOK_URL when set.
-    Workers with the same topic prefix share the partitions.
+    its partitions are assigned and recovered). With CALLSTREAM_DASHBOARD_TOKENS set, all but the
+    probes want one (Authorization: Bearer, or the cookie /login sets); without tokens it listens on
+    loopback only, unless CALLSTREAM_DASHBOARD_PUBLIC=true. It creates missing topics and waits for
+    Kafka and them. Alert rules: the shipped defaults, overridden by the TOML file
+    CALLSTREAM_ALERTS_CONFIG names; alerts go to <prefix>.alerts and to each rule's routes (slack:
+    CALLSTREAM_ALERT_WEBHOOK_URL, pagerduty: CALLSTREAM_PAGERDUTY_ROUTING_KEY, json:
+    CALLSTREAM_ALERT_JSON_URL). Workers with the same topic prefix share the partitions.
     """
     from streams.settings import WorkerSettings
     from streams.worker import Worker
@@ -238,7 +236,8 @@ def sink(until_caught_up: bool) -> None:
     Loads <prefix>.call_analyzed and <prefix>.chat_analyzed into CALLSTREAM_WAREHOUSE (DuckDB) and
     CALLSTREAM_PARQUET_DIR (hive-partitioned by day), and publishes consistent Parquet snapshots:
     while it runs, read with `from warehouse.read import connect` (never the DuckDB file).
-    Unloadable records go to <prefix>.dead_letter with the reason. With CALLSTREAM_LAKE_WAREHOUSE and
+    Unloadable records go to <prefix>.dead_letter with the reason. CALLSTREAM_SINK_METRICS_PORT serves
+    Prometheus /metrics (consumer lag, records loaded). With CALLSTREAM_LAKE_WAREHOUSE and
     CALLSTREAM_LAKE_CATALOG set it loads the Iceberg lake instead (sinks of one prefix share the partitions).
     """
     from callstream.cli_lake import run_lake_sink_if_configured
@@ -247,14 +246,7 @@ def sink(until_caught_up: bool) -> None:
 
     if run_lake_sink_if_configured(until_caught_up):
         return
-    try:
-        cfg = SinkSettings()
-    except ValidationError as exc:
-        raise _settings_error(exc) from exc
-    try:
-        stats = run_sink(cfg, until_caught_up=until_caught_up)
-    except CallstreamError as exc:
-        raise click.ClickException(str(exc)) from exc
+    stats = run_sink(SinkSettings(), until_caught_up=until_caught_up)
     click.echo(f"sink: {stats.records} records, {stats.rows} rows, {stats.dead_letters} dead letters", err=True)
 
 

@@ -19,6 +19,8 @@ tests/streams/test_faust_internals.py and test_worker.py cover them):
 - `ProducerBuffer.max_messages`, the pending sends that stall a stream (`set_producer_buffer`).
 - `mode.Worker._schedule_shutdown`, the clean stop a signal starts (`stop_worker`), and
   `execute_from_commandline` ending in `SystemExit` with the crash's status (`run_worker`).
+- The aiohttp driver's `Web.web_app`, where the read side's token check sits in front of every
+  route (`add_web_middleware`).
 
 Faust's message hand-off, in detail: its fetch loop hands every message to the streams with
 `await consumer.wait_first(callback(message), suspend_flow.wait())`: four tasks and an
@@ -283,3 +285,12 @@ class FaustWorker(faust.Worker):
             self.execute_from_commandline()
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 1
+
+
+def add_web_middleware(app: faust.App, middleware: Any) -> None:
+    """Put an aiohttp middleware in front of every route of the app's web server, Faust's own included.
+
+    Faust's aiohttp driver keeps its `aiohttp.web.Application` as `web_app`; middlewares can be
+    added until the server starts.
+    """
+    app.web.web_app.middlewares.append(middleware)  # type: ignore[attr-defined]

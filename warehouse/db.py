@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from warehouse.errors import WarehouseError
 
 
 def run(con: duckdb.DuckDBPyConnection, query: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
@@ -42,3 +45,19 @@ def insert_rows(con: duckdb.DuckDBPyConnection, insert: str, rows: Sequence[tupl
     if rows:
         row = "(" + ", ".join("?" * len(rows[0])) + ")"
         run(con, f"{insert} " + ", ".join([row] * len(rows)), [v for r in rows for v in r])
+
+
+def open_for_writing(path: str, memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
+    """The warehouse file opened by its one writer; a lock held by another process is a clear error."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return duckdb.connect(
+            path, config={"memory_limit": memory_limit, "threads": threads, "preserve_insertion_order": False}
+        )
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise WarehouseError(f"cannot open the warehouse {path}: {exc}") from exc
+        raise WarehouseError(
+            f"the warehouse {path} is open for writing in another process (DuckDB allows one writer): stop that "
+            "process (another sink, or a notebook that opened the file) or set CALLSTREAM_WAREHOUSE to another file"
+        ) from exc

@@ -304,63 +304,84 @@ class FamilyBatch:
         return self._where.keys()
 
 
+def _combined_cost(raw: msgspec.Raw, field: str) -> float | None:
+    if _absent(raw):
+        return None
+    try:
+        return _float(_COST_DECODER.decode(raw).combined_cost)
+    except msgspec.ValidationError as exc:
+        raise RecordError(f"{field}: {exc}") from exc
+
+
+def _origin(day: int, src: Source) -> dict[str, Any]:
+    """The columns every parent row ends with: its day and where the row came from."""
+    return {
+        "day": day,
+        "event_received_at": src.received_at_ms,
+        "kafka_partition": src.partition,
+        "kafka_offset": src.offset,
+        "loaded_at": src.loaded_at_ms,
+    }
+
+
 def _call_rows(c: _Call, src: Source) -> Rows:
     out = opted_out(c.opt_out_sensitive_data_storage, c.data_storage_setting)
-    an = c.call_analysis or _CallAnalysis()
-    e2e = (c.latency.e2e if c.latency else None) or _LatencyBlock()
-    cost = None
-    if not _absent(c.call_cost):
-        try:
-            cost = _COST_DECODER.decode(c.call_cost).combined_cost
-        except msgspec.ValidationError as exc:
-            raise RecordError(f"call.call_cost: {exc}") from exc
-    duration = c.duration_ms
-    if duration is None and c.start_timestamp is not None and c.end_timestamp is not None:
-        duration = int(c.end_timestamp) - int(c.start_timestamp)
     day = _day(c.start_timestamp, c.end_timestamp, src.received_at_ms, src.loaded_at_ms)
-
     transcript = c.transcript_with_tool_calls
     if _absent(transcript) or bytes(transcript) == b"[]":
         transcript = c.transcript_object
-    entries = _entries(transcript, "call.transcript_with_tool_calls")
     utterances: list[dict[str, Any]] = []
     tools: dict[str, dict[str, Any]] = {}
-    for e, raw in entries:
+    for e, raw in _entries(transcript, "call.transcript_with_tool_calls"):
         if e.role in TOOL_ROLES:
-            if not e.tool_call_id:
-                raise RecordError(f"call.transcript_with_tool_calls: a {e.role} entry has no tool_call_id")
-            t = tools.setdefault(
-                e.tool_call_id, {"call_id": c.call_id, "tool_call_id": e.tool_call_id, "seq": len(tools), "day": day}
-            )
-            if e.role == "tool_call_invocation":
-                t["name"] = e.name
-                if not out:
-                    args = e.arguments
-                    t["arguments"] = (
-                        args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
-                    )
-            else:
-                t["successful"] = e.successful
-                if not out:
-                    t["result"] = e.content
-            continue
-        if out:
-            continue
-        words = e.words or []
-        utterances.append(
-            {
-                "call_id": c.call_id,
-                "turn": len(utterances),
-                "role": e.role,
-                "content": e.content,
-                "start_s": _float(words[0].start) if words else None,
-                "end_s": _float(words[-1].end) if words else None,
-                "detail": _detail(e, raw),
-                "day": day,
-            }
-        )
+            _add_tool_entry(tools, e, c.call_id, day, out)
+        elif not out:
+            utterances.append(_utterance(e, raw, c.call_id, len(utterances), day))
+    row = _call_row(c, out, day) | {"utterance_count": len(utterances), "tool_call_count": len(tools)}
+    row |= _origin(day, src)
+    return {CALLS.name: [row], CALL_UTTERANCES.name: utterances, CALL_TOOL_CALLS.name: list(tools.values())}
 
-    row = {
+
+def _add_tool_entry(tools: dict[str, dict[str, Any]], e: _Entry, call_id: str, day: int, out: bool) -> None:
+    """An invocation or a result joins its tool call's row; an opted-out call keeps name and outcome only."""
+    if not e.tool_call_id:
+        raise RecordError(f"call.transcript_with_tool_calls: a {e.role} entry has no tool_call_id")
+    t = tools.setdefault(
+        e.tool_call_id, {"call_id": call_id, "tool_call_id": e.tool_call_id, "seq": len(tools), "day": day}
+    )
+    if e.role == "tool_call_invocation":
+        t["name"] = e.name
+        if not out:
+            args = e.arguments
+            t["arguments"] = args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
+    else:
+        t["successful"] = e.successful
+        if not out:
+            t["result"] = e.content
+
+
+def _utterance(e: _Entry, raw: msgspec.Raw, call_id: str, turn: int, day: int) -> dict[str, Any]:
+    words = e.words or []
+    return {
+        "call_id": call_id,
+        "turn": turn,
+        "role": e.role,
+        "content": e.content,
+        "start_s": _float(words[0].start) if words else None,
+        "end_s": _float(words[-1].end) if words else None,
+        "detail": _detail(e, raw),
+        "day": day,
+    }
+
+
+def _call_row(c: _Call, out: bool, day: int) -> dict[str, Any]:
+    """The `calls` row's own columns (the counts of its children and its origin are added by the caller)."""
+    an = c.call_analysis or _CallAnalysis()
+    e2e = (c.latency.e2e if c.latency else None) or _LatencyBlock()
+    duration = c.duration_ms
+    if duration is None and c.start_timestamp is not None and c.end_timestamp is not None:
+        duration = int(c.end_timestamp) - int(c.start_timestamp)
+    return {
         "call_id": c.call_id,
         "agent_id": c.agent_id,
         "agent_version": c.agent_version,
@@ -379,7 +400,7 @@ def _call_rows(c: _Call, src: Source) -> Rows:
         "in_voicemail": an.in_voicemail,
         # A summary retells the conversation, so an opted-out call keeps none either.
         "call_summary": None if out else an.call_summary,
-        "combined_cost": _float(cost),
+        "combined_cost": _combined_cost(c.call_cost, "call.call_cost"),
         "e2e_latency_p50": _float(e2e.p50),
         "e2e_latency_p90": _float(e2e.p90),
         "e2e_latency_p99": _float(e2e.p99),
@@ -394,50 +415,15 @@ def _call_rows(c: _Call, src: Source) -> Rows:
         "call_cost": _raw_json(c.call_cost),
         "data_storage_setting": c.data_storage_setting,
         "opted_out": out,
-        "utterance_count": len(utterances),
-        "tool_call_count": len(tools),
-        "day": day,
-        "event_received_at": src.received_at_ms,
-        "kafka_partition": src.partition,
-        "kafka_offset": src.offset,
-        "loaded_at": src.loaded_at_ms,
     }
-    return {CALLS.name: [row], CALL_UTTERANCES.name: utterances, CALL_TOOL_CALLS.name: list(tools.values())}
 
 
 def _chat_rows(c: _Chat, src: Source) -> Rows:
     out = opted_out(c.opt_out_sensitive_data_storage, c.data_storage_setting)
-    an = c.chat_analysis or _ChatAnalysis()
-    cost = None
-    if not _absent(c.chat_cost):
-        try:
-            cost = _COST_DECODER.decode(c.chat_cost).combined_cost
-        except msgspec.ValidationError as exc:
-            raise RecordError(f"chat.chat_cost: {exc}") from exc
     day = _day(c.start_timestamp, c.end_timestamp, src.received_at_ms, src.loaded_at_ms)
-    messages: list[dict[str, Any]] = []
-    for e, raw in _entries(c.message_with_tool_calls, "chat.message_with_tool_calls"):
-        if out:
-            break
-        content = e.content
-        if e.role == "tool_call_invocation":
-            args = e.arguments
-            content = args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
-        messages.append(
-            {
-                "chat_id": c.chat_id,
-                "turn": len(messages),
-                "message_id": e.message_id,
-                "role": e.role,
-                "content": content,
-                "created_at": _int(e.created_timestamp),
-                "tool_call_id": e.tool_call_id,
-                "name": e.name,
-                "successful": e.successful,
-                "detail": None if e.role in SPEECH_ROLES or e.role in TOOL_ROLES else _detail(e, raw),
-                "day": day,
-            }
-        )
+    entries = _entries(c.message_with_tool_calls, "chat.message_with_tool_calls")  # malformed: dead letter
+    messages = [] if out else [_chat_message(e, raw, c.chat_id, turn, day) for turn, (e, raw) in enumerate(entries)]
+    an = c.chat_analysis or _ChatAnalysis()
     duration = None
     if c.start_timestamp is not None and c.end_timestamp is not None:
         duration = int(c.end_timestamp) - int(c.start_timestamp)
@@ -453,7 +439,7 @@ def _chat_rows(c: _Chat, src: Source) -> Rows:
         "chat_successful": an.chat_successful,
         "user_sentiment": an.user_sentiment,
         "chat_summary": None if out else an.chat_summary,
-        "combined_cost": _float(cost),
+        "combined_cost": _combined_cost(c.chat_cost, "chat.chat_cost"),
         "transcript": None if out else c.transcript,
         "metadata": _raw_json(c.metadata),
         "dynamic_variables": _raw_json(c.retell_llm_dynamic_variables),
@@ -461,10 +447,25 @@ def _chat_rows(c: _Chat, src: Source) -> Rows:
         "custom_analysis_data": _raw_json(an.custom_analysis_data),
         "chat_cost": _raw_json(c.chat_cost),
         "message_count": len(messages),
-        "day": day,
-        "event_received_at": src.received_at_ms,
-        "kafka_partition": src.partition,
-        "kafka_offset": src.offset,
-        "loaded_at": src.loaded_at_ms,
     }
-    return {CHATS.name: [row], CHAT_MESSAGES.name: messages}
+    return {CHATS.name: [row | _origin(day, src)], CHAT_MESSAGES.name: messages}
+
+
+def _chat_message(e: _Entry, raw: msgspec.Raw, chat_id: str, turn: int, day: int) -> dict[str, Any]:
+    content = e.content
+    if e.role == "tool_call_invocation":
+        args = e.arguments
+        content = args if isinstance(args, str) or args is None else msgspec.json.encode(args).decode()
+    return {
+        "chat_id": chat_id,
+        "turn": turn,
+        "message_id": e.message_id,
+        "role": e.role,
+        "content": content,
+        "created_at": _int(e.created_timestamp),
+        "tool_call_id": e.tool_call_id,
+        "name": e.name,
+        "successful": e.successful,
+        "detail": None if e.role in SPEECH_ROLES or e.role in TOOL_ROLES else _detail(e, raw),
+        "day": day,
+    }

@@ -103,7 +103,7 @@ def loaded_rows(db: Path) -> int:
         return int(con.execute("SELECT (SELECT count(*) FROM calls) + (SELECT count(*) FROM chats)").fetchone()[0])  # type: ignore[index]
 
 
-# What the sink says when it stops because DuckDB stored a batch short (warehouse/sink.py).
+# What the sink says when it stops because DuckDB stored a batch short (warehouse/load.py).
 SHORT_LOAD_STOPS = ("rolled back, so nothing of this batch is stored", "after COMMIT; stopping")
 
 

@@ -1,7 +1,7 @@
 """The sink's crash test without Kafka: the real Sink (reader, writer and publisher threads, DuckDB,
 Parquet) fed by a deterministic in-memory log, SIGKILLed at random moments and checked after every kill.
 
-A child process runs `warehouse.sink.Sink` with its consumer replaced by one that serves a log built
+A child process runs `warehouse.sink.Sink` with a stand-in consumer that serves a log built
 from a seed (analyzed calls and chats, immediate duplicates, later re-deliveries), released at
 --rate messages per second from a fixed start, so every restart sees the same log. After every kill
 the database must hold, for each stored offset, exactly the keys the log holds below it, from their
@@ -164,11 +164,11 @@ class FakeConsumer:
 def child(args) -> None:
     import pickle
 
-    import warehouse.sink as ws
+    import warehouse.load
     from warehouse.settings import SinkSettings
+    from warehouse.sink import Sink
 
     log = pickle.loads(Path(args.log).read_bytes())
-    ws.ensure_topics = lambda *a, **k: []
     cfg = SinkSettings(
         kafka_bootstrap="127.0.0.1:1",
         topic_prefix=PREFIX,
@@ -183,19 +183,18 @@ def child(args) -> None:
     pa.set_memory_pool(pa.system_memory_pool())
     sys.setswitchinterval(0.0005)
     if args.lose_rows:
-        lose_rows(ws, args.lose_rows, args.lose_silently)
-    sink = ws.Sink(cfg)
-    sink.consumer = FakeConsumer(log, args.start, args.rate)
+        lose_rows(warehouse.load, args.lose_rows, args.lose_silently)
+    sink = Sink(cfg, consumer=FakeConsumer(log, args.start, args.rate), create_topics=False)
     print("sink: loading", flush=True)
     sink.run(until_caught_up=args.until_caught_up)
     print("done", flush=True)
 
 
-def lose_rows(ws, share: float, silently: bool) -> None:
+def lose_rows(load, share: float, silently: bool) -> None:
     """Make DuckDB "lose" a row of a share of the loads at COMMIT, as it once did: the sink's check
     after the COMMIT then stops it, or, `silently`, does not run (a loss only a restart would see)."""
     rng = random.Random()
-    real = ws.check_committed
+    real = load.check_committed
 
     def check_committed(con, seq: int, rows: dict[str, int]) -> None:
         if rows and rng.random() < share:
@@ -208,7 +207,7 @@ def lose_rows(ws, share: float, silently: bool) -> None:
                 return
         real(con, seq, rows)
 
-    ws.check_committed = check_committed
+    load.check_committed = check_committed
 
 
 OWED_RELOAD: Offsets = {}  # see restart_state

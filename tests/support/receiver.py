@@ -11,10 +11,15 @@ import orjson
 
 class Receiver:
     """`with Receiver() as r:` serves on a free loopback port (or a free port of `host`); `r.bodies`
-    holds what arrived."""
+    holds what arrived.
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    It answers `status` (PagerDuty's Events API answers 202), and 503 to the first `fail_first`
+    POSTs (those bodies are not kept; `attempts` counts every POST).
+    """
+
+    def __init__(self, status: int = 200, fail_first: int = 0, host: str = "127.0.0.1") -> None:
         self.bodies: list[Any] = []
+        self.attempts = 0
         self._lock = threading.Lock()
         owner = self
 
@@ -22,8 +27,11 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with owner._lock:
-                    owner.bodies.append(orjson.loads(body))
-                self.send_response(200)
+                    owner.attempts += 1
+                    failing = owner.attempts <= fail_first
+                    if not failing:
+                        owner.bodies.append(orjson.loads(body))
+                self.send_response(503 if failing else status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 

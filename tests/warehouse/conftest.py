@@ -15,7 +15,7 @@ import pytest
 from callstream.fakecalls import CallFactory, Fleet
 from tests.support.audit import TopicLog
 from tests.support.traffic import TrafficProducer
-from warehouse.migrations import create_all
+from warehouse.migrations import migrate
 from warehouse.records import FamilyBatch, Source
 from warehouse.schema import CHAT_FAMILY, Family
 
@@ -75,7 +75,7 @@ def warehouse_paths(service_env: dict[str, str]) -> tuple[Path, Path]:
 @pytest.fixture
 def warehouse_db(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     con = duckdb.connect(str(tmp_path / "w.duckdb"))
-    create_all(con)
+    migrate(con)
     yield con
     con.close()
 

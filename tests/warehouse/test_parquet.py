@@ -12,18 +12,18 @@ import pytest
 
 from callstream.fakecalls import CallFactory, Fleet
 from warehouse.db import run
-from warehouse.migrations import create_all
+from warehouse.load import replace_rows
+from warehouse.migrations import migrate
 from warehouse.parquet import MAX_PARTS_PER_DAY, ParquetPublisher, parts_of
 from warehouse.read import connect
 from warehouse.records import FamilyBatch, Source
 from warehouse.schema import CALL_FAMILY
-from warehouse.sink import replace_rows
 
 
 @pytest.fixture
 def db(tmp_path: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(tmp_path / "w.duckdb"))
-    create_all(con)
+    migrate(con)
     return con
 
 

@@ -13,9 +13,10 @@ from kernel.catalogue import topic
 from warehouse import ledger
 from warehouse.db import run
 from warehouse.errors import WarehouseError
+from warehouse.load import Batch, replace_rows
 from warehouse.schema import CALL_FAMILY, CHAT_FAMILY, TABLES_BY_NAME
 from warehouse.settings import SinkSettings
-from warehouse.sink import Sink, _Batch, replace_rows
+from warehouse.sink import Sink
 
 
 class _LosesFirstRow:
@@ -99,7 +100,7 @@ def test_a_row_lost_in_the_commit_stops_the_sink_and_the_ledger_has_the_load_for
     try:
         real = sink.con
         sink.con = _LosesAtCommit(real, "chats")  # type: ignore[assignment]
-        batch = _Batch({chats: family_batch(CHAT_FAMILY, 8)}, {(chats, 0): 0}, {(chats, 0): 8}, records=8)
+        batch = Batch({chats: family_batch(CHAT_FAMILY, 8)}, {(chats, 0): 0}, {(chats, 0): 8}, records=8)
         with pytest.raises(
             WarehouseError,
             match=r"load 1 into chats: 8 rows inserted, but the table holds 7 after "

@@ -18,20 +18,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from kernel.catalogue import DEAD_LETTER, Header, topic
+from kernel.catalogue import DEAD_LETTER, topic
 from kernel.topics import ensure_topics
-from warehouse.errors import RecordError
+from warehouse.batching import OpenBatch, consumer_config, take
+from warehouse.dead_letters import DeadLetters
 from warehouse.lake import offsets
 from warehouse.lake.catalog import open_catalog
 from warehouse.lake.errors import LakeError
 from warehouse.lake.settings import LakeSettings
 from warehouse.lake.writer import FamilyRows, LakeWriter
-from warehouse.records import FamilyBatch, Source
-from warehouse.schema import FAMILIES, Family
+from warehouse.schema import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +46,14 @@ class LakeSinkStats:
     started: float = field(default_factory=time.monotonic)
 
 
-class _Pending:
-    """The open batch: records decoded since the last one was closed, and the offsets after them."""
-
-    def __init__(self, families: dict[str, Family], max_seconds: float) -> None:
-        self.batches = {t: FamilyBatch(f) for t, f in families.items()}
-        self.next_offsets: dict[tuple[str, int], int] = {}
-        self.records = 0
-        self.bytes = 0
-        self.loaded_at_ms = int(time.time() * 1000)
-        self.deadline = time.monotonic() + max_seconds
-
-    def close(self) -> list[FamilyRows]:
-        out = []
-        for t, batch in self.batches.items():
-            offs = {tp: o for tp, o in self.next_offsets.items() if tp[0] == t}
-            if offs:
-                out.append(FamilyRows(batch.family, batch.tables(), offs))
-        return out
+def _family_rows(batch: OpenBatch) -> list[FamilyRows]:
+    """The closed batch per family, each with the offsets it covers (a family of dead letters only too)."""
+    out = []
+    for t, family_batch in batch.families.items():
+        offs = {tp: o for tp, o in batch.next_offsets.items() if tp[0] == t}
+        if offs:
+            out.append(FamilyRows(family_batch.family, family_batch.tables(), offs))
+    return out
 
 
 @dataclass
@@ -74,49 +63,28 @@ class _Drained:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def _received_ms(msg: Message) -> int | None:
-    headers: Any = msg.headers() or []
-    for k, v in headers:
-        if k == Header.RECEIVED_AT and isinstance(v, bytes):
-            try:
-                return int(v)
-            except ValueError:
-                break
-    kind, ts = msg.timestamp()
-    return ts if kind and ts > 0 else None
-
-
 class LakeSink:
     def __init__(self, settings: LakeSettings, say: Callable[[str], None] = log.info) -> None:
         self.cfg = settings
         self.say = say
         self.families = {topic(settings.topic_prefix, f.topic_suffix): f for f in FAMILIES}
-        self.dead_letter_topic = topic(settings.topic_prefix, DEAD_LETTER)
         self.catalog = open_catalog(settings)
         self.writer = LakeWriter(self.catalog, settings.lake_commit_attempts, settings.lake_key_cache_rows)
         self.stats = LakeSinkStats()
         self.consumer = Consumer(
             {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": f"{settings.lake_group_id}-{settings.topic_prefix}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
+                **consumer_config(settings.kafka_bootstrap, f"{settings.lake_group_id}-{settings.topic_prefix}", 16384),
                 # A sink that died gives its partitions to the others after this long.
                 "session.timeout.ms": 10000,
                 "heartbeat.interval.ms": 2000,
-                "fetch.max.bytes": 4 * 1024 * 1024,
-                "max.partition.fetch.bytes": 2 * 1024 * 1024,
-                "queued.max.messages.kbytes": 16384,
-                "fetch.queue.backoff.ms": 10,
                 **({"group.instance.id": settings.lake_instance_id} if settings.lake_instance_id else {}),
             }
         )
-        self._dlq: Producer | None = None
+        self.dead_letters = DeadLetters(settings.kafka_bootstrap, topic(settings.topic_prefix, DEAD_LETTER))
         self._stop = threading.Event()
         self._queue: queue.Queue[list[FamilyRows] | _Drained | None] = queue.Queue(maxsize=1)
         self._writer_error: BaseException | None = None
-        self._pending: _Pending | None = None
+        self._pending: OpenBatch | None = None
         self._assigned: set[tuple[str, int]] = set()
         self._high: dict[tuple[str, int], int] = {}
         self._consumed: dict[tuple[str, int], int] = {}
@@ -167,53 +135,23 @@ class LakeSink:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _dead_letter(self, msg: Message, reason: str) -> None:
-        if self._dlq is None:
-            self._dlq = Producer({"bootstrap.servers": self.cfg.kafka_bootstrap, "enable.idempotence": True})
-        headers = [
-            (Header.REASON, reason.encode()),
-            ("source_topic", str(msg.topic()).encode()),
-            ("source_partition", str(msg.partition()).encode()),
-            ("source_offset", str(msg.offset()).encode()),
-        ]
-        self._dlq.produce(
-            self.dead_letter_topic, value=msg.value(), key=msg.key(), headers=[*(msg.headers() or []), *headers]
-        )
-        self.stats.dead_letters += 1
-        log.warning("dead-lettered %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
-
     def _add(self, msg: Message) -> None:
-        t, p, o = str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)
         if self._pending is None:
-            self._pending = _Pending(self.families, self.cfg.lake_batch_max_seconds)
-        pending = self._pending
-        pending.next_offsets[(t, p)] = o + 1
-        self._consumed[(t, p)] = o + 1
-        pending.records += 1
-        value = msg.value()
-        pending.bytes += len(value or b"")
-        try:
-            if not value:
-                raise RecordError("the message has no value")
-            pending.batches[t].add(value, Source(p, o, _received_ms(msg), pending.loaded_at_ms))
-        except RecordError as exc:
-            self._dead_letter(msg, str(exc))
+            self._pending = OpenBatch(self.families, self.cfg.lake_batch_max_seconds)
+        t, p, next_offset = self._pending.add(msg, self.dead_letters)
+        self._consumed[(t, p)] = next_offset
+        self.stats.dead_letters = self.dead_letters.count
 
     def _close_pending(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        if self._dlq is not None and self._dlq.flush(30) > 0:
-            raise LakeError("the dead-letter topic did not acknowledge; not committing this batch")
-        self._hand_over(pending.close())
+        self.dead_letters.confirm()
+        self._hand_over(_family_rows(pending))
 
     def _due(self) -> bool:
         p = self._pending
-        return p is not None and (
-            p.records >= self.cfg.lake_batch_max_records
-            or p.bytes >= self.cfg.lake_batch_max_bytes
-            or time.monotonic() >= p.deadline
-        )
+        return p is not None and p.due(self.cfg.lake_batch_max_records, self.cfg.lake_batch_max_bytes)
 
     # -- the writer thread ---------------------------------------------------------------------
 
@@ -282,16 +220,9 @@ class LakeSink:
 
     def _poll(self) -> None:
         want = max(1, min(500, self.cfg.lake_batch_max_records - (self._pending.records if self._pending else 0)))
-        got = self.consumer.consume(num_messages=want, timeout=0)
-        if not got:
-            got = self.consumer.consume(num_messages=want, timeout=0.2 if self._pending is None else 0.02)
-        for msg in got:
-            err = msg.error()
-            if err is None:
-                self.stats.records += 1
-                self._add(msg)
-            elif err.code() != KafkaError._PARTITION_EOF:
-                log.error("consumer error: %s", err)
+        for msg in take(self.consumer, want, 0.2 if self._pending is None else 0.02):
+            self.stats.records += 1
+            self._add(msg)
 
     def run(self, until_caught_up: bool = False) -> LakeSinkStats:
         writer = self._writer = threading.Thread(target=self._write_loop, name="lake-writer", daemon=True)
@@ -330,8 +261,7 @@ class LakeSink:
         try:
             self.consumer.close()
         finally:
-            if self._dlq is not None:
-                self._dlq.flush(10)
+            self.dead_letters.close()
             self.catalog.engine.dispose()
 
 
