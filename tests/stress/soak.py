@@ -126,7 +126,9 @@ class Outcome:
     started_wall: float
     load_start: tuple[float, float, float]
     load_end: tuple[float, float, float] | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # of traffic
+    startup_s: float = 0.0
+    audit_s: float = 0.0
     faults: list[Fault] = field(default_factory=list)
     lags: list[Lag] = field(default_factory=list)
     rss: RssLog = field(default_factory=RssLog)
@@ -173,9 +175,11 @@ class Soak:
     def run(self) -> Outcome:
         opts, stack = self.opts, self.stack
         self.say(f"starting a broker, the gateway (2 processes), {len(WORKERS)} workers and the sink in {stack.work}")
+        began = time.time()
         stack.start_all()
         record = stack.work / "acked.tsv"
         self.t0 = time.time()
+        self.out.startup_s = self.t0 - began
         self.out.started_wall = self.t0
         self.sim = simulator(stack, opts.minutes * 60, opts.rate, record, opts.seed, opts.processes)
         self.say(f"traffic: {opts.rate:.0f} events/s for {opts.minutes:g} min (prefix {stack.prefix})")
@@ -191,6 +195,7 @@ class Soak:
         self.say("traffic over; stopping the gateway, then auditing")
         stack.stop("gateway")
         self._audit(record)
+        self.out.audit_s = self.now() - self.out.seconds
         self.done.set()
         monitor.join(timeout=30)
         for w in self.watchers:
@@ -375,8 +380,7 @@ class Soak:
                 break
             time.sleep(3)
         time.sleep(3)
-        for name in WORKERS:
-            stack.stop(name)
+        stack.stop(*WORKERS)
         log = read_alerts(stack.bootstrap, stack.prefix)
         throttle = stored.rules.failure_rate.throttle_minutes
         return alerts_once(log, stack.receiver.received(), stored.owed_alerts, throttle)

@@ -64,8 +64,9 @@ def _head(out: Outcome) -> str:
         f"{KAFKA_VERSION} broker of the soak's own (3 partitions per topic); a fault every "
         f"{o.fault_every:g} s in turn: SIGKILL worker A (started again at once), SIGKILL the sink (started "
         "again at once), SIGKILL one of the gateway's two processes (uvicorn starts another), stop the broker "
-        f"for {o.broker_down:g} s (nothing else touched). {len(out.faults)} faults in {out.seconds / 60:.1f} min; "
-        f"{out.stack.restarts} restarts by the soak."
+        f"for {o.broker_down:g} s (nothing else touched). {len(out.faults)} faults in {out.seconds / 60:.1f} min "
+        f"of traffic; {out.stack.restarts} restarts by the soak; {out.startup_s:.0f} s to start everything "
+        f"before, {out.audit_s:.0f} s of catch-up and audit after."
     )
 
 

@@ -231,16 +231,19 @@ class Stack:
 
     # -- stopping --------------------------------------------------------------------------------
 
-    def stop(self, name: str, timeout: float = 60) -> int:
+    def stop(self, *names: str, timeout: float = 60) -> None:
+        """SIGTERM to each of `names` at once, then wait for each (SIGKILL after `timeout`)."""
         with self.lock:
-            self.expected_exit.add(name)
-            proc = self.procs[name]
-        return proc.stop(signal.SIGTERM, timeout=timeout)
+            self.expected_exit.update(names)
+            procs = [self.procs[n] for n in names if n in self.procs]
+        for proc in procs:
+            if proc.alive():
+                proc.proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.stop(signal.SIGTERM, timeout=timeout)
 
     def stop_all(self) -> None:
-        for name in SERVICES:
-            if name in self.procs:
-                self.stop(name, timeout=30)
+        self.stop(*SERVICES, timeout=30)
         self.broker.stop()
         self.receiver.__exit__(None, None, None)
 

@@ -66,12 +66,12 @@ class RssLog:
             if pid is None:
                 continue
             mb = rss_mb(pid)
-            if mb is None:
-                continue
-            lives = self.roles.setdefault(role, [])
-            if not lives or lives[-1].pid != pid:
-                lives.append(Incarnation(pid, at))
-            lives[-1].samples.append(Sample(at, pid, mb))
+            if mb is not None:
+                self.add(role, pid, at, mb)
+
+    def add(self, role: str, pid: int, at: float, mb: float) -> None:
+        self.started(role, pid, at)
+        self.roles[role][-1].samples.append(Sample(at, pid, mb))
 
     def started(self, role: str, pid: int, at: float) -> None:
         """Say when a process began (a sample may come only later)."""
