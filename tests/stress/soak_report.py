@@ -3,6 +3,7 @@ of every process per minute and its growth after the warm-up."""
 
 from __future__ import annotations
 
+import bisect
 import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -124,7 +125,8 @@ def _rss(out: Outcome) -> str:
     roles = [r for r in ROLES if r in out.rss.roles]
     for k in range(math.floor(out.seconds / every) + 1):
         at = k * every
-        acks = sum(1 for t in out.traffic.times if at - every <= t < at) / every if k else 0.0
+        times = out.traffic.times
+        acks = (bisect.bisect_left(times, at) - bisect.bisect_left(times, at - every)) / every if k else 0.0
         lags = [x for x in out.lags if at - every <= x.at < at]
         w = max((x.workers for x in lags if x.workers is not None), default=None)
         s = max((x.sink for x in lags if x.sink is not None), default=None)

@@ -93,12 +93,13 @@ class RssLog:
         life) to its last sample."""
         out = []
         for role, lives in self.roles.items():
-            for life in lives:
+            for i, life in enumerate(lives):
                 g = Growth(role, life.pid)
                 after = [s for s in life.samples if s.at >= max(warmup, life.started + warmup)]
                 if len(after) < 2:
-                    ended = life.samples[-1].at if life.samples else life.started
-                    g.why_not = f"lived {ended - life.started:.0f}s, under the warm-up plus a sample"
+                    last = life.samples[-1].at if life.samples else life.started
+                    ended = lives[i + 1].started if i + 1 < len(lives) else last
+                    g.why_not = f"lived {ended - life.started:.0f} s: too short past the warm-up"
                 else:
                     g.baseline_at, g.baseline_mb = after[0].at, after[0].mb
                     g.end_at, g.end_mb = after[-1].at, after[-1].mb
