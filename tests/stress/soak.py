@@ -137,7 +137,6 @@ class Outcome:
     traffic: Traffic = field(default_factory=Traffic)
     checks: list[Check] = field(default_factory=list)
     catch_up_s: dict[str, float] = field(default_factory=dict)
-    sink_committed_lag: int | None = None  # what Kafka says of the sink's group once it stopped
     stored: Stored | None = None
 
     @property
@@ -239,7 +238,18 @@ class Soak:
             if self.now() >= next_rss:
                 self.rss_sample()
                 next_rss += self.opts.sample_every
+                self._progress()
             self.done.wait(LAG_EVERY_S)
+
+    def _progress(self) -> None:
+        """A line per RSS sample: the lags and each process's RSS, so a long run shows how it goes."""
+        lag = self.out.lags[-1]
+        rss = ", ".join(
+            f"{role} {life[-1].samples[-1].mb:.0f}"
+            for role, life in self.out.rss.roles.items()
+            if life and life[-1].samples and life[-1].samples[-1].at >= self.now() - LAG_EVERY_S * 2
+        )
+        self.say(f"lag: workers {lag.workers}, sink {lag.sink}; RSS MB: {rss}")
 
     def _watch_processes(self) -> None:
         """A service that exits on its own is a finding; it is started again so the run goes on."""
@@ -411,9 +421,16 @@ class Soak:
             self.say(f"the sink stopped short of the topics' end ({short}); starting it again")
             stack.start("sink")
         self.out.catch_up_s["sink"] = time.monotonic() - started
-        lag = GroupLag(stack.bootstrap, stack.sink_group(), timeout_s=10)
-        self.out.sink_committed_lag = _lag(lag, stack.analyzed_topics())
-        return warehouse(stack.db, stack.parquet, stored)
+        lag = _lag(GroupLag(stack.bootstrap, stack.sink_group(), timeout_s=10), stack.analyzed_topics())
+        checks = warehouse(stack.db, stack.parquet, stored)
+        checks.append(
+            Check(
+                "the sink's lag, as Kafka reports it to operators, is 0 once it has loaded everything",
+                lag == 0,
+                f"{lag} messages" if lag is not None else "Kafka did not say",
+            )
+        )
+        return checks
 
     def _wait_sink_idle(self, deadline: float) -> None:
         """Until the sink's group lag is 0, or its record count has not moved for SINK_IDLE_S while it
