@@ -85,7 +85,7 @@ def _audit(out: Outcome) -> str:
 
 
 def _fault_row(f: Fault) -> str:
-    pause = "—" if f.pause is None else f"{f.pause[1] - f.pause[0]:.1f} s (from +{f.pause[0] - f.at:.1f} s)"
+    pause = "—" if f.pause is None else f"{f.pause[1] - f.pause[0]:.1f} s (from {f.pause[0] - f.at:+.1f} s)"
     caught = {g: _after(f.caught_up.get(g), f.at) if g in f.caught_up else "n/a" for g in ("workers", "sink")}
     notes = [f.detail] + [f"{g} lag ≤ {n:,}" for g, n in f.thresholds.items()]
     if f.gateway_ready is not None:
