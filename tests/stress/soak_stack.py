@@ -109,11 +109,13 @@ class Stack:
 
     # -- groups and topics, for the lag --------------------------------------------------------
 
+    # The services run with the defaults and our variables only (see `env`): so do these, whatever
+    # this shell's environment or .env say.
     def worker_group(self) -> str:
-        return f"{WorkerSettings().app_id}-{self.prefix}"
+        return f"{WorkerSettings.model_construct().app_id}-{self.prefix}"
 
     def sink_group(self) -> str:
-        return SinkSettings(topic_prefix=self.prefix).consumer_group()
+        return SinkSettings.model_construct(topic_prefix=self.prefix).consumer_group()
 
     def event_topics(self) -> list[str]:
         return [topic(self.prefix, e) for e in EventName]
