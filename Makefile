@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake bench-cluster clean chromium postgresql prometheus netns
+.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake bench-cluster soak clean chromium postgresql prometheus netns
 
 $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
@@ -91,6 +91,12 @@ bench-lake: $(STAMP)
 
 bench-cluster: $(STAMP)
 	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
+
+## make soak: 500 events/s of the simulator's mix through gateway, two workers and sink for 60 minutes, a
+## fault every 5 minutes, then the audit; the report goes to bench/out/soak.md and, for a full hour, to
+## bench/RESULTS.md. SOAK_ARGS="--minutes 5 --fault-every 60" for a short run (`--help` for the rest).
+soak: $(STAMP)
+	$(BIN)/python -m tests.stress.soak --results --report bench/out/soak.md $(SOAK_ARGS)
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ the commands themselves need no try/except; with the log level DEBUG the traceba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -331,13 +332,21 @@ def _first_key() -> str | None:
     type=click.IntRange(min=1),
     help="Sender processes (more for higher rates).",
 )
-def simulate(url: str, key: str | None, no_progress: bool, **knobs: Any) -> None:
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write a line per acknowledged (2xx) delivery to this file: unix ms, event, call or chat id and the "
+    "body's BLAKE2b-64 digest, tab-separated.",
+)
+def simulate(url: str, key: str | None, no_progress: bool, record: str | None, **knobs: Any) -> None:
     """Realistic, signed webhook traffic against a gateway, at a given rate.
 
     Deliveries are made and signed ahead of time, and sender processes write them at their planned
     time: the summary gives the server's latency (request written to response read), the asked and
     achieved rate, and the sender's own scheduling lag when it fell behind. Each run sends new calls
-    unless --seed repeats an earlier run's.
+    unless --seed repeats an earlier run's. --record keeps what was acknowledged, to check it against
+    what was stored.
     """
     from tqdm import tqdm
 
@@ -350,9 +359,11 @@ def simulate(url: str, key: str | None, no_progress: bool, **knobs: Any) -> None
     if not key:
         click.echo("simulate: no API key (CALLSTREAM_API_KEYS / RETELL_API_KEY / --key); sending unsigned", err=True)
     click.echo(f"simulate: seed {plan.seed} (--seed {plan.seed} sends the same calls again)", err=True)
-    with tqdm(unit="req", disable=no_progress, file=sys.stderr, desc="simulate") as bar:
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(unit="req", disable=no_progress, file=sys.stderr, desc="simulate"))
+        out = stack.enter_context(open(record, "w", encoding="utf-8")) if record else None
         try:
-            res = asyncio.run(run(url, key, plan, progress=bar.update))
+            res = asyncio.run(run(url, key, plan, progress=bar.update, record=out.writelines if out else None))
         except CallstreamError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(res.summary())

@@ -105,7 +105,8 @@ class Sink:
         self.publisher = self._publisher()
         group = settings.consumer_group()
         self.consumer = consumer or Consumer(
-            consumer_config(settings.kafka_bootstrap, group, settings.fetch_queue_kbytes)
+            consumer_config(settings.kafka_bootstrap, group, settings.fetch_queue_kbytes),
+            on_commit=self._on_kafka_commit,
         )
         self.dead_letters = DeadLetters(settings.kafka_bootstrap, topic(settings.topic_prefix, DEAD_LETTER))
         # Between the consuming thread and the writer thread (see run()).
@@ -115,6 +116,7 @@ class Sink:
         self._committed_lock = threading.Lock()
         self._committed: Offsets = {}  # next offsets committed in DuckDB
         self._kafka_committed: Offsets = {}
+        self._kafka_retry_at = 0.0  # after a refused commit, when to commit again
         self._consumed: Offsets = {}  # next offsets read (the consuming thread's only)
 
     def _publisher(self) -> ParquetPublisher:
@@ -226,11 +228,21 @@ class Sink:
     def _commit_to_kafka(self) -> None:
         """Tell Kafka what DuckDB committed (only for operators' lag views; the sink resumes from DuckDB)."""
         with self._committed_lock:
-            if self._committed == self._kafka_committed:
+            if self._committed == self._kafka_committed or time.monotonic() < self._kafka_retry_at:
                 return
             offsets = dict(self._committed)
         self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True)
         self._kafka_committed = offsets
+
+    def _on_kafka_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """A commit Kafka refused (a broker away, its group coordinator still loading) is made again a
+        second later; else the lag operators see would stay behind until the next batch, if any."""
+        problem = err.str() if err is not None else next((tp.error.str() for tp in partitions if tp.error), None)
+        if problem is None:
+            return
+        log.info("sink: Kafka did not take the loaded offsets (%s); committing them again", problem)
+        self._kafka_committed = {}
+        self._kafka_retry_at = time.monotonic() + 1.0
 
     # -- the writer thread -------------------------------------------------------------------------
 

@@ -20,12 +20,19 @@ class Receiver:
     def __init__(self, status: int = 200, fail_first: int = 0, host: str = "127.0.0.1") -> None:
         self.bodies: list[Any] = []
         self.attempts = 0
+        self.cut_short = 0  # POSTs whose body never arrived whole
         self._lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                if len(body) < length:  # the sender died in the middle (a worker SIGKILLed): nothing arrived
+                    with owner._lock:
+                        owner.cut_short += 1
+                    self.close_connection = True
+                    return
                 with owner._lock:
                     owner.attempts += 1
                     failing = owner.attempts <= fail_first
