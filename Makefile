@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake bench-ops clean chromium postgresql
+.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake bench-cluster soak bench-ops clean chromium postgresql prometheus netns
 
 $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
@@ -32,8 +32,9 @@ up: $(STAMP)
 	$(BIN)/callstream up
 
 ## make test: lint, format and type checks, then the whole test suite against a real Kafka broker
-## that the suite starts itself (and PostgreSQL, S3Proxy for the lake tests).
-test: lint chromium postgresql
+## that the suite starts itself (and PostgreSQL, S3Proxy for the lake tests, Prometheus for prometheus/,
+## iproute2 and iptables for the cluster tests).
+test: lint chromium postgresql prometheus netns
 	$(BIN)/callstream kafka start --help >/dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -46,6 +47,18 @@ chromium:
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql; } \
 		|| echo "WARNING: could not install Debian's postgresql (apt-get as root); the shared-lake tests will be skipped"
+
+## Debian's Prometheus (and promtool) for the tests of prometheus/: the tests run the binary with a config
+## of their own on a free loopback port, never the Debian service.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; } \
+		|| echo "WARNING: could not install Debian's prometheus (apt-get as root); the Prometheus tests will be skipped"
+
+## iproute2 and iptables for the cluster tests: each broker and service on a host of its own (a network
+## namespace), partitions and a slow, lossy link.
+netns:
+	@{ command -v ip && command -v iptables; } >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq iproute2 iptables; } \
+		|| echo "WARNING: could not install iproute2 and iptables (apt-get as root); the cluster tests run on loopback ports and skip the partition and latency faults"
 
 kafka: $(STAMP)
 	$(BIN)/callstream kafka start
@@ -78,6 +91,15 @@ bench-lake: $(STAMP)
 
 bench-ops: $(STAMP)
 	$(BIN)/python -m bench.ops $(BENCH_ARGS)
+
+bench-cluster: $(STAMP)
+	$(BIN)/python -m bench.cluster $(BENCH_ARGS)
+
+## make soak: 500 events/s of the simulator's mix through gateway, two workers and sink for 60 minutes, a
+## fault every 5 minutes, then the audit; the report goes to bench/out/soak.md and, for a full hour, to
+## bench/RESULTS.md. SOAK_ARGS="--minutes 5 --fault-every 60" for a short run (`--help` for the rest).
+soak: $(STAMP)
+	$(BIN)/python -m tests.stress.soak --results --report bench/out/soak.md $(SOAK_ARGS)
 
 clean:
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ the commands themselves need no try/except; with the log level DEBUG the traceba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ import click
 from pydantic import ValidationError
 
 from callstream.config import warn_unknown_variables
+from callstream.localcluster import LocalCluster, configured
 from callstream.localkafka import LocalKafka
 from callstream.ports import require_free
 from kernel.errors import CallstreamError
@@ -100,15 +102,19 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 @main.group()
 def kafka() -> None:
-    """A local single-node Apache Kafka (KRaft) without Docker, fetched once with Maven."""
+    """A local Apache Kafka (KRaft) without Docker, fetched once with Maven: one broker, or a
+    cluster of several with --brokers (each node broker and controller, data and ports of its own)."""
 
 
-def _local(port: int | None, home: str | None) -> LocalKafka:
-    return LocalKafka.configured(port=port, home=Path(home) if home is not None else None)
+def _local(port: int | None, home: str | None, brokers: int | None = None) -> LocalKafka | LocalCluster:
+    return configured(brokers=brokers, port=port, home=Path(home) if home is not None else None)
 
 
 _port = click.option(
-    "--port", type=int, default=None, help="Broker port (default: from CALLSTREAM_KAFKA_BOOTSTRAP, 9092)."
+    "--port",
+    type=int,
+    default=None,
+    help="Broker port, of the first node in a cluster (default: from CALLSTREAM_KAFKA_BOOTSTRAP, 9092).",
 )
 _home = click.option(
     "--home", default=None, help="Folder for jars, data and logs (default CALLSTREAM_KAFKA_HOME or ./.kafka)."
@@ -118,17 +124,25 @@ _home = click.option(
 @kafka.command("start")
 @_port
 @_home
-@click.option("--wait", default=90.0, show_default=True, help="Seconds to wait for the broker to answer.")
-def kafka_start(port: int | None, home: str | None, wait: float) -> None:
-    """Start the broker (fetching it on first use) and wait until it answers. Idempotent."""
-    _local(port, home).start(wait=wait, say=click.echo)
+@click.option(
+    "--brokers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Nodes in the cluster (default: as many as CALLSTREAM_KAFKA_BOOTSTRAP lists, so 1). With 3 or more, "
+    "topics get 3 replicas and min.insync.replicas 2. On one host the nodes take ports 9092, 9094, ... "
+    "(each controller the next port) unless CALLSTREAM_KAFKA_BOOTSTRAP lists as many servers.",
+)
+@click.option("--wait", default=90.0, show_default=True, help="Seconds to wait for the broker (or cluster) to answer.")
+def kafka_start(port: int | None, home: str | None, brokers: int | None, wait: float) -> None:
+    """Start the broker or cluster (fetching Kafka on first use) and wait until it answers. Idempotent."""
+    _local(port, home, brokers).start(wait=wait, say=click.echo)
 
 
 @kafka.command("stop")
 @_port
 @_home
 def kafka_stop(port: int | None, home: str | None) -> None:
-    """Stop the broker that `kafka start` started, and wait until its JVM is gone."""
+    """Stop the broker, or every node of the cluster, that `kafka start` started, and wait until the JVMs are gone."""
     _local(port, home).stop(say=click.echo)
 
 
@@ -136,7 +150,7 @@ def kafka_stop(port: int | None, home: str | None) -> None:
 @_port
 @_home
 def kafka_status(port: int | None, home: str | None) -> None:
-    """Say whether the broker runs; exit status 1 when it does not answer."""
+    """Say whether the broker (every node of the cluster) runs; exit status 1 when one does not answer."""
     k = _local(port, home)
     click.echo(k.status())
     sys.exit(0 if k.running() else 1)
@@ -194,10 +208,13 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
     """The Faust app: live metrics, alerts and the live dashboard (default http://127.0.0.1:6066/).
 
     JSON at /api/metrics, Prometheus at /metrics, GET /healthz (alive) and /readyz (503 and why until
-    its partitions are assigned and recovered). It creates missing topics and waits for Kafka and
-    them. Alert rules: the shipped defaults, overridden by the TOML file CALLSTREAM_ALERTS_CONFIG
-    names; alerts go to <prefix>.alerts and are POSTed to CALLSTREAM_ALERT_WEBHOOK_URL when set.
-    Workers with the same topic prefix share the partitions.
+    its partitions are assigned and recovered). With CALLSTREAM_DASHBOARD_TOKENS set, all but the
+    probes want one (Authorization: Bearer, or the cookie /login sets); without tokens it listens on
+    loopback only, unless CALLSTREAM_DASHBOARD_PUBLIC=true. It creates missing topics and waits for
+    Kafka and them. Alert rules: the shipped defaults, overridden by the TOML file
+    CALLSTREAM_ALERTS_CONFIG names; alerts go to <prefix>.alerts and to each rule's routes (slack:
+    CALLSTREAM_ALERT_WEBHOOK_URL, pagerduty: CALLSTREAM_PAGERDUTY_ROUTING_KEY, json:
+    CALLSTREAM_ALERT_JSON_URL). Workers with the same topic prefix share the partitions.
     """
     from streams.settings import WorkerSettings
     from streams.worker import Worker
@@ -220,7 +237,8 @@ def sink(until_caught_up: bool) -> None:
     Loads <prefix>.call_analyzed and <prefix>.chat_analyzed into CALLSTREAM_WAREHOUSE (DuckDB) and
     CALLSTREAM_PARQUET_DIR (hive-partitioned by day), and publishes consistent Parquet snapshots:
     while it runs, read with `from warehouse.read import connect` (never the DuckDB file).
-    Unloadable records go to <prefix>.dead_letter with the reason. With CALLSTREAM_LAKE_WAREHOUSE and
+    Unloadable records go to <prefix>.dead_letter with the reason. CALLSTREAM_SINK_METRICS_PORT serves
+    Prometheus /metrics (consumer lag, records loaded). With CALLSTREAM_LAKE_WAREHOUSE and
     CALLSTREAM_LAKE_CATALOG set it loads the Iceberg lake instead (sinks of one prefix share the partitions).
     """
     from callstream.cli_lake import run_lake_sink_if_configured
@@ -446,13 +464,21 @@ def _first_key() -> str | None:
     type=click.IntRange(min=1),
     help="Sender processes (more for higher rates).",
 )
-def simulate(url: str, key: str | None, no_progress: bool, **knobs: Any) -> None:
+@click.option(
+    "--record",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write a line per acknowledged (2xx) delivery to this file: unix ms, event, call or chat id and the "
+    "body's BLAKE2b-64 digest, tab-separated.",
+)
+def simulate(url: str, key: str | None, no_progress: bool, record: str | None, **knobs: Any) -> None:
     """Realistic, signed webhook traffic against a gateway, at a given rate.
 
     Deliveries are made and signed ahead of time, and sender processes write them at their planned
     time: the summary gives the server's latency (request written to response read), the asked and
     achieved rate, and the sender's own scheduling lag when it fell behind. Each run sends new calls
-    unless --seed repeats an earlier run's.
+    unless --seed repeats an earlier run's. --record keeps what was acknowledged, to check it against
+    what was stored.
     """
     from tqdm import tqdm
 
@@ -465,9 +491,11 @@ def simulate(url: str, key: str | None, no_progress: bool, **knobs: Any) -> None
     if not key:
         click.echo("simulate: no API key (CALLSTREAM_API_KEYS / RETELL_API_KEY / --key); sending unsigned", err=True)
     click.echo(f"simulate: seed {plan.seed} (--seed {plan.seed} sends the same calls again)", err=True)
-    with tqdm(unit="req", disable=no_progress, file=sys.stderr, desc="simulate") as bar:
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(unit="req", disable=no_progress, file=sys.stderr, desc="simulate"))
+        out = stack.enter_context(open(record, "w", encoding="utf-8")) if record else None
         try:
-            res = asyncio.run(run(url, key, plan, progress=bar.update))
+            res = asyncio.run(run(url, key, plan, progress=bar.update, record=out.writelines if out else None))
         except CallstreamError as exc:
             raise click.ClickException(str(exc)) from exc
     click.echo(res.summary())

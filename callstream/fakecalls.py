@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from kernel.catalogue import EVENTS_BY_NAME, EventName
+
 SCENARIOS: dict[str, float] = {
     # name: share of traffic
     "completed": 0.46,
@@ -193,8 +195,10 @@ class _Outcome:
         }
 
 
-def _event(name: str, key: str, subject: str, obj: dict[str, Any], **extra: Any) -> Event:
-    return Event(name, key, {"event": name, subject: obj, **extra})
+def _event(name: EventName, obj: dict[str, Any], **extra: Any) -> Event:
+    """One delivery's body: the event's subject object under its name, keyed by its id (the catalogue's)."""
+    kind = EVENTS_BY_NAME[name]
+    return Event(name.value, str(obj[kind.key_field]), {"event": name.value, kind.subject.value: obj, **extra})
 
 
 def _now(now_ms: int | None) -> int:
@@ -276,22 +280,20 @@ class CallFactory:
             "call_successful": False,
             "custom_analysis_data": {},
         }
-        cid = base["call_id"]
         return [
-            _event("call_ended", cid, "call", ended),
-            _event("call_analyzed", cid, "call", {**ended, "call_analysis": analysis}),
+            _event(EventName.CALL_ENDED, ended),
+            _event(EventName.CALL_ANALYZED, {**ended, "call_analysis": analysis}),
         ]
 
     def _connected(self, scenario: str, base: dict[str, Any]) -> list[Event]:
-        cid = base["call_id"]
         started = {**base, "call_status": "ongoing"}
         talk = self._talk(scenario)
-        out = [_event("call_started", cid, "call", started), *_transcript_updates(started, talk)]
+        out = [_event(EventName.CALL_STARTED, started), *_transcript_updates(started, talk)]
         outcome = self._outcome(scenario)
         out += self._transfer(scenario, started, outcome)
         ended = self._ended(scenario, started, talk, outcome)
-        out.append(_event("call_ended", cid, "call", ended))
-        out.append(_event("call_analyzed", cid, "call", {**ended, "call_analysis": outcome.analysis()}))
+        out.append(_event(EventName.CALL_ENDED, ended))
+        out.append(_event(EventName.CALL_ANALYZED, {**ended, "call_analysis": outcome.analysis()}))
         return out
 
     def _talk(self, scenario: str) -> _Talk:
@@ -327,19 +329,17 @@ class CallFactory:
         opt = {"type": "warm_transfer", "showTransfereeAsCaller": True, "agentDetectionTimeoutMs": 15000}
         xfer = {**started, "transfer_destination": dest["number"]}
         extra = {"transfer_destination": dest, "transfer_option": opt}
-        cid = started["call_id"]
-        out = [_event("transfer_started", cid, "call", xfer, **extra)]
+        out = [_event(EventName.TRANSFER_STARTED, xfer, **extra)]
         if scenario == "transfer_bridged":
-            out.append(_event("transfer_bridged", cid, "call", xfer, **extra))
-            out.append(_event("transfer_ended", cid, "call", xfer))
+            out.append(_event(EventName.TRANSFER_BRIDGED, xfer, **extra))
+            out.append(_event(EventName.TRANSFER_ENDED, xfer))
         else:
-            out.append(_event("transfer_cancelled", cid, "call", xfer, **extra))
+            out.append(_event(EventName.TRANSFER_CANCELLED, xfer, **extra))
         return out
 
     def _ended(self, scenario: str, started: dict[str, Any], talk: _Talk, outcome: _Outcome) -> dict[str, Any]:
         """The call object of call_ended: the full transcript, latency, cost and token usage."""
-        cid = started["call_id"]
-        duration = talk.duration_ms
+        duration, cid = talk.duration_ms, started["call_id"]
         end = started["start_timestamp"] + duration
         ended = {
             **started,
@@ -412,11 +412,10 @@ class CallFactory:
             "user_sentiment": "Positive" if successful else "Negative",
             "custom_analysis_data": {},
         }
-        cid = base["chat_id"]
         return [
-            _event("chat_started", cid, "chat", base),
-            _event("chat_ended", cid, "chat", ended),
-            _event("chat_analyzed", cid, "chat", {**ended, "chat_analysis": analysis}),
+            _event(EventName.CHAT_STARTED, base),
+            _event(EventName.CHAT_ENDED, ended),
+            _event(EventName.CHAT_ANALYZED, {**ended, "chat_analysis": analysis}),
         ]
 
     def _messages(self, now: int) -> list[dict[str, Any]]:
@@ -450,7 +449,7 @@ def _transcript_updates(started: dict[str, Any], talk: _Talk) -> list[Event]:
             "transcript_object": part,
             "transcript_with_tool_calls": spoken[:k],
         }
-        out.append(_event("transcript_updated", started["call_id"], "call", snap))
+        out.append(_event(EventName.TRANSCRIPT_UPDATED, snap))
     return out
 
 

@@ -42,6 +42,8 @@ __all__ = [
 START_TIMEOUT_S = 60.0
 POLL_S = 0.05
 
+Record = Callable[[list[str]], None]
+
 
 class SimulationError(CallstreamError):
     """A sender process died or never started."""
@@ -77,7 +79,7 @@ class _Child:
         pipes.control.send(job)
         return cls(proc, pipes)
 
-    def read(self, progress: Callable[[int], None] | None) -> None:
+    def read(self, progress: Callable[[int], None] | None, record: Record | None) -> None:
         """Take in what the sender said since the last look."""
         while self.result is None and self.pipes.outbox.poll():
             kind, *rest = self.pipes.outbox.recv()
@@ -85,6 +87,8 @@ class _Child:
                 self.ready = True
             elif kind == "progress" and progress is not None:
                 progress(rest[0])
+            elif kind == "acked" and record is not None:
+                record(rest[0])
             elif kind == "result":
                 self.result = rest[0]
 
@@ -112,16 +116,17 @@ class _Senders:
     """The sender processes of one run."""
 
     plan: SimulationPlan
+    record: Record | None = None
     children: list[_Child] = field(default_factory=list)
 
     def spawn(self, target: Target, key: str | None) -> None:
-        job = Job(target, key, self.plan.concurrency_per_process, self.plan.duration)
+        job = Job(target, key, self.plan.concurrency_per_process, self.plan.duration, self.record is not None)
         for _ in range(self.plan.processes):
             self.children.append(_Child.start(job))
 
     def _look(self, feeder: Feeder, progress: Callable[[int], None] | None = None) -> None:
         for i, child in enumerate(self.children):
-            child.read(progress)
+            child.read(progress, self.record)
             child.check(i)
         if feeder.error is not None:
             raise feeder.error
@@ -168,12 +173,17 @@ class _Senders:
 
 
 async def run(
-    url: str, key: str | None, plan: SimulationPlan | None = None, progress: Callable[[int], None] | None = None
+    url: str,
+    key: str | None,
+    plan: SimulationPlan | None = None,
+    progress: Callable[[int], None] | None = None,
+    record: Record | None = None,
 ) -> SimulationResult:
-    """Send `plan`'s traffic to `url`, signed with `key` (unsigned when None); `progress(n)`: n more requests."""
+    """Send `plan`'s traffic to `url`, signed with `key` (unsigned when None); `progress(n)`: n more requests;
+    `record(lines)`: lines of the acknowledgement record (`callstream.sim.record`), as they come."""
     plan = plan or SimulationPlan()
     target = Target.from_url(url)
-    senders = _Senders(plan)
+    senders = _Senders(plan, record)
     feeder: Feeder | None = None
     try:
         senders.spawn(target, key)

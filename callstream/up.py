@@ -30,6 +30,7 @@ from callstream.procs import Process
 from callstream.procs import callstream as start_callstream
 from callstream.simulate import SimulationPlan
 from callstream.simulate import run as simulate
+from kernel.catalogue import EventName
 from kernel.errors import CallstreamError
 from kernel.settings import CommonSettings
 from kernel.topics import ensure_topics
@@ -67,6 +68,7 @@ class Stack:
     say: Callable[[str], None] = _print
     procs: dict[str, Process] = field(default_factory=dict)
     kafka: LocalKafka | None = None
+    read_headers: dict[str, str] = field(default_factory=dict)  # the worker's token, when it has some
 
     def _tell(self, line: str) -> None:
         try:
@@ -81,10 +83,12 @@ class Stack:
     # -- before anything starts ------------------------------------------------------------------
 
     def _preflight(self) -> tuple[dict[str, str], str]:
-        """Check every service's settings, the alert rules and the ports before starting anything;
+        """Check every service's settings, the alert rules and routes and the ports before starting anything;
         return the services' environment and the API key the simulator signs with."""
         from gateway.settings import GatewaySettings
+        from streams.alertroutes import routing
         from streams.alertrules import load_config
+        from streams.readauth import check_bind
         from streams.settings import WorkerSettings
         from warehouse.settings import SinkSettings
 
@@ -99,7 +103,11 @@ class Stack:
                 "No CALLSTREAM_API_KEYS or RETELL_API_KEY: made a local key for this run's gateway and simulator."
             )
         GatewaySettings(api_keys=SecretStr(key))
-        load_config(WorkerSettings(web_port=self.web_port).alerts_config)
+        worker = WorkerSettings(web_port=self.web_port)
+        check_bind(worker.web_host, worker.dashboard_token_list(), worker.dashboard_public)
+        routing(load_config(worker.alerts_config), worker)
+        tokens = worker.dashboard_token_list()
+        self.read_headers = {"Authorization": f"Bearer {tokens[0]}"} if tokens else {}
         SinkSettings()
         require_free("127.0.0.1", self.gateway_port, "the gateway", "--gateway-port")
         require_free("127.0.0.1", self.web_port, "the worker's dashboard", "--web-port")
@@ -124,7 +132,7 @@ class Stack:
                 res = asyncio.run(simulate(f"http://127.0.0.1:{self.gateway_port}/webhook", key, plan))
                 self._tell(res.summary())
                 # Each call has one call_analyzed event, so this counts the calls the sink must load.
-                self._summary(res.statuses.get(204, 0), res.accepted_by_event["call_analyzed"])
+                self._summary(res.statuses.get(204, 0), res.accepted_by_event[EventName.CALL_ANALYZED])
                 if wait_forever:
                     self._watch(logs)
         except KeyboardInterrupt:
@@ -140,7 +148,9 @@ class Stack:
         else:
             self.kafka = LocalKafka.configured()
             self.kafka.start(say=self._tell)
-        ensure_topics(common.kafka_bootstrap, common.topic_prefix, common.topic_partitions)
+        ensure_topics(
+            common.kafka_bootstrap, common.topic_prefix, common.topic_partitions, replication=common.replication()
+        )
         gateway_url, worker_url = f"http://127.0.0.1:{self.gateway_port}", f"http://127.0.0.1:{self.web_port}"
         self._spawn("gateway", ["gateway", "--port", str(self.gateway_port)], env, logs, gateway_url)
         self._spawn("worker", ["worker", "--web-port", str(self.web_port)], env, logs, worker_url)
@@ -165,7 +175,9 @@ class Stack:
             rows = int(orjson.loads(status.read_bytes())["tables"].get("calls", 0))
         try:
             counted = sum(
-                httpx.get(f"http://127.0.0.1:{self.web_port}/api/counts", timeout=5).json()["events"].values()
+                httpx.get(f"http://127.0.0.1:{self.web_port}/api/counts", headers=self.read_headers, timeout=5)
+                .json()["events"]
+                .values()
             )
         except (httpx.HTTPError, ValueError, KeyError):
             counted = 0

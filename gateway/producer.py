@@ -79,6 +79,11 @@ class EventProducer:
             "message.timeout.ms": 60000,
             # Reconnect at least every second, so that deliveries resume soon after a broker returns.
             "reconnect.backoff.max.ms": 1000,
+            # A broker cut off by the network sends no reset: librdkafka would wait its default 60 s
+            # for the requests in flight to it before it hands their partitions to the new leaders (the
+            # idempotent producer drains them first, to keep the order), and every delivery meanwhile
+            # got a 503. Giving up on a silent broker after 10 s bounds that (tests/cluster).
+            "socket.timeout.ms": 10000,
             "socket.keepalive.enable": True,
             "client.id": "callstream-gateway",
             # librdkafka's own log lines through Python logging (else it writes to stderr itself).

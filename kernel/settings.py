@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kernel.errors import ConfigError
+from kernel.topics import Replication
 
 ENV_PREFIX = "CALLSTREAM_"
 DOTENV = ".env"
@@ -47,6 +48,10 @@ class CommonSettings(LogSettings):
     topic_prefix: str = "retell"
     # Partitions for topics callstream creates itself; several let several workers share the load.
     topic_partitions: int = Field(default=3, ge=1)
+    # Replicas of those topics and how many must hold a write; unset: 3 and 2 on a cluster of three
+    # or more brokers, else 1 (kernel.topics.Replication).
+    topic_replication: int | None = Field(default=None, ge=1)
+    topic_min_insync_replicas: int | None = Field(default=None, ge=1)
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -56,6 +61,10 @@ class CommonSettings(LogSettings):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{server.strip()!r} is not host:port (a comma-separated list of them)")
         return value
+
+    def replication(self) -> Replication:
+        """The replication of the topics callstream creates, as configured."""
+        return Replication(self.topic_replication, self.topic_min_insync_replicas)
 
     def first_broker(self) -> tuple[str, int]:
         """Host and port of the first bootstrap server."""

@@ -21,34 +21,47 @@ RATE_RULE = "failure_rate"
 RULE_BIT: dict[str, int] = {name: 1 << i for i, name in enumerate(CALL_RULES)}
 
 
-class FailedDialRule(msgspec.Struct, forbid_unknown_fields=True):
+# Where a rule's alerts are delivered besides the alerts topic (the settings name each one's endpoint).
+ROUTES: tuple[str, ...] = ("slack", "pagerduty", "json")
+SEVERITIES: tuple[str, ...] = ("critical", "error", "warning", "info")
+
+
+class Rule(msgspec.Struct, forbid_unknown_fields=True):
+    """What every rule has: on or off, its route(s) and the severity its alerts carry."""
+
     enabled: bool = True
+    # A route name, a list of them, or [] (the topic only); unset: "slack" when its URL is set.
+    route: str | list[str] | None = None
+    severity: str = "warning"
+
+    def routes(self) -> list[str] | None:
+        """The routes the file names, or None for the default."""
+        return [self.route] if isinstance(self.route, str) else self.route
+
+
+class FailedDialRule(Rule, forbid_unknown_fields=True):
     reasons: list[str] = msgspec.field(default_factory=list)
     reason_prefixes: list[str] = msgspec.field(default_factory=list)
 
 
-class ErrorRule(msgspec.Struct, forbid_unknown_fields=True):
-    enabled: bool = True
+class ErrorRule(Rule, forbid_unknown_fields=True):
     reason_prefixes: list[str] = msgspec.field(default_factory=lambda: ["error_"])
 
 
-class UnsuccessfulRule(msgspec.Struct, forbid_unknown_fields=True):
-    enabled: bool = True
+class UnsuccessfulRule(Rule, forbid_unknown_fields=True):
     # Voicemail is an expected outcome of outbound campaigns, not a failure of the agent.
     ignore_voicemail: bool = True
 
 
-class SentimentRule(msgspec.Struct, forbid_unknown_fields=True):
-    enabled: bool = True
+class SentimentRule(Rule, forbid_unknown_fields=True):
     sentiments: list[str] = msgspec.field(default_factory=lambda: ["Negative"])
 
 
-class TransferCancelledRule(msgspec.Struct, forbid_unknown_fields=True):
-    enabled: bool = True
+class TransferCancelledRule(Rule, forbid_unknown_fields=True):
+    pass
 
 
-class FailureRateRule(msgspec.Struct, forbid_unknown_fields=True):
-    enabled: bool = True
+class FailureRateRule(Rule, forbid_unknown_fields=True):
     window_minutes: int = 5
     threshold: float = 0.5
     min_calls: int = 5
@@ -74,6 +87,10 @@ class AlertConfig(msgspec.Struct, forbid_unknown_fields=True):
     def enabled(self, rule: str) -> bool:
         return bool(getattr(self, rule).enabled)
 
+    def rule(self, name: str) -> Rule:
+        rule: Rule = getattr(self, name)
+        return rule
+
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
@@ -98,6 +115,24 @@ def load_config(path: str | Path | None = None) -> AlertConfig:
         except tomllib.TOMLDecodeError as exc:
             raise AlertConfigError(f"alert config {p} is not valid TOML: {exc}") from exc
     try:
-        return msgspec.convert(data, AlertConfig)
+        config = msgspec.convert(data, AlertConfig)
     except msgspec.ValidationError as exc:
         raise AlertConfigError(f"alert config {path or 'defaults'}: {exc}") from exc
+    _check_routes(config, path)
+    return config
+
+
+def _check_routes(config: AlertConfig, path: str | Path | None) -> None:
+    for name in (*CALL_RULES, RATE_RULE):
+        rule = config.rule(name)
+        unknown = [r for r in rule.routes() or [] if r not in ROUTES]
+        if unknown:
+            raise AlertConfigError(
+                f"alert config {path or 'defaults'}: [{name}] route {unknown[0]!r} is unknown "
+                f"(the routes are {', '.join(ROUTES)})"
+            )
+        if rule.severity not in SEVERITIES:
+            raise AlertConfigError(
+                f"alert config {path or 'defaults'}: [{name}] severity {rule.severity!r} is not one of "
+                f"{', '.join(SEVERITIES)}"
+            )

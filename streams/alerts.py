@@ -1,4 +1,4 @@
-"""Alert delivery: the webhook sender (off the stream's path), the alerts feed and the failure-rate rule.
+"""Alert delivery: the sender to the alert routes (off the stream's path), the alerts feed and the failure-rate rule.
 
 Per-call rules are decided in `streams.calls` (once per (rule, call), remembered in the call's
 state). This module delivers what they raise, tails `<prefix>.alerts` for the dashboard, and
@@ -13,13 +13,14 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping
 
 import httpx
 import msgspec
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from streams.alertroutes import Route, Routing
 from streams.alertrules import RATE_RULE, FailureRateRule
 from streams.metrics import ALL, WINDOW_MS, Agg
 from streams.processor import Alert
@@ -31,16 +32,17 @@ decode_alert = msgspec.json.Decoder(Alert).decode
 
 
 class WebhookSender:
-    """POSTs alerts as Slack-compatible JSON with retries and backoff, from its own tasks.
+    """POSTs each alert to its rule's routes (`streams.alertroutes`) with retries and backoff, from its own tasks.
 
-    `submit` never blocks and never raises: the stream hands an alert over and moves on. When the
-    endpoint is down longer than the queue lasts, the oldest waiting alerts are dropped (logged);
-    they stay on the alerts topic either way.
+    `submit` never blocks and never raises: the stream hands an alert over and moves on. An alert
+    is queued at most once per route (a repeated submit of the same id is ignored). When an endpoint
+    is down longer than the queue lasts, the oldest waiting deliveries are dropped (logged); the
+    alerts stay on the alerts topic either way.
     """
 
     def __init__(
         self,
-        url: str | None,
+        routing: Routing,
         *,
         attempts: int = 6,
         backoff_s: float = 0.5,
@@ -49,29 +51,51 @@ class WebhookSender:
         queue_size: int = 10_000,
         senders: int = 4,
     ) -> None:
-        self.url = url
+        self.routing = routing
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.timeout_s = timeout_s
         self.senders = senders
-        self._queue: deque[Alert] = deque(maxlen=queue_size)
+        self._queue: deque[tuple[Route, Alert]] = deque(maxlen=queue_size)
+        self._queued: OrderedDict[tuple[str, str], None] = OrderedDict()  # (route, alert id) lately queued
         self._wake = asyncio.Event()
-        self.sent = 0
-        self.failed = 0
-        self.dropped = 0
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # (route, "sent" | "failed" | "dropped")
+
+    @property
+    def sent(self) -> int:
+        return self._total("sent")
+
+    @property
+    def failed(self) -> int:
+        return self._total("failed")
+
+    @property
+    def dropped(self) -> int:
+        return self._total("dropped")
+
+    def _total(self, outcome: str) -> int:
+        return sum(n for (_, o), n in self.outcomes.items() if o == outcome)
 
     def submit(self, alert: Alert) -> None:
-        if not self.url:
-            return
-        if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1
-            log.warning("alert webhook is behind: dropped the oldest queued alert to keep %s", alert.id)
-        self._queue.append(alert)
-        self._wake.set()
+        for route in self.routing.routes(alert):
+            key = (route.name, alert.id)
+            if key in self._queued:
+                continue
+            self._queued[key] = None
+            if len(self._queued) > (self._queue.maxlen or 0):
+                self._queued.popitem(last=False)
+            if len(self._queue) == self._queue.maxlen:
+                dropped, _ = self._queue[0]
+                self.outcomes[(dropped.name, "dropped")] += 1
+                log.warning(
+                    "alert route %s is behind: dropped the oldest queued alert to keep %s", route.name, alert.id
+                )
+            self._queue.append((route, alert))
+            self._wake.set()
 
     async def run(self) -> None:
-        if not self.url:
+        if not self.routing.active:
             return
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:
             await asyncio.gather(*(self._sender(client) for _ in range(self.senders)))
@@ -82,28 +106,30 @@ class WebhookSender:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._deliver(client, self._queue.popleft())
+            await self._deliver(client, *self._queue.popleft())
 
-    async def _deliver(self, client: httpx.AsyncClient, alert: Alert) -> None:
-        assert self.url
-        body = {"text": alert.text, "alert": msgspec.to_builtins(alert)}
+    async def _deliver(self, client: httpx.AsyncClient, route: Route, alert: Alert) -> None:
+        body = self.routing.body(route, alert)
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             try:
-                r = await client.post(self.url, json=body)
+                r = await client.post(route.url, json=body)
                 if r.status_code < 300:
-                    self.sent += 1
+                    self.outcomes[(route.name, "sent")] += 1
                     return
                 if r.status_code < 500 and r.status_code != 429:
-                    log.error("alert webhook refused %s with HTTP %d; not retrying", alert.id, r.status_code)
-                    self.failed += 1
+                    log.error(
+                        "alert route %s refused %s with HTTP %d; not retrying", route.name, alert.id, r.status_code
+                    )
+                    self.outcomes[(route.name, "failed")] += 1
                     return
                 problem = f"HTTP {r.status_code}"
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if attempt < self.attempts:
                 log.warning(
-                    "alert webhook: %s for %s (attempt %d/%d); retrying in %.1fs",
+                    "alert route %s: %s for %s (attempt %d/%d); retrying in %.1fs",
+                    route.name,
                     problem,
                     alert.id,
                     attempt,
@@ -112,8 +138,8 @@ class WebhookSender:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
-        self.failed += 1
-        log.error("alert webhook: gave up on %s after %d attempts", alert.id, self.attempts)
+        self.outcomes[(route.name, "failed")] += 1
+        log.error("alert route %s: gave up on %s after %d attempts", route.name, alert.id, self.attempts)
 
 
 class AlertFeed:

@@ -23,3 +23,7 @@ class StateUnreadable(StreamsError):
 
 class WorkerStopped(StreamsError):
     """The worker stopped after an error it did not expect (the log above says which)."""
+
+
+class ReadSideError(StreamsError):
+    """The dashboard, `/api/*` and `/metrics` would be open to anyone who reaches the port."""

@@ -19,6 +19,8 @@ tests/streams/test_faust_internals.py and test_worker.py cover them):
 - `ProducerBuffer.max_messages`, the pending sends that stall a stream (`set_producer_buffer`).
 - `mode.Worker._schedule_shutdown`, the clean stop a signal starts (`stop_worker`), and
   `execute_from_commandline` ending in `SystemExit` with the crash's status (`run_worker`).
+- The aiohttp driver's `Web.web_app`, where the read side's token check sits in front of every
+  route (`add_web_middleware`).
 
 Faust's message hand-off, in detail: its fetch loop hands every message to the streams with
 `await consumer.wait_first(callback(message), suspend_flow.wait())`: four tasks and an
@@ -236,6 +238,16 @@ def set_partitions(app: faust.App, table: Any, partitions: int) -> None:
     table.changelog_topic.partitions = partitions
 
 
+def set_replication(app: faust.App, table: Any, factor: int, min_insync: int) -> None:
+    """Give the table's changelog (and Faust's own internal topics) `factor` replicas, and the
+    changelog's writes `min_insync` of them before they count. Only effective before the table
+    manager starts, which declares the changelog topic."""
+    app.conf.topic_replication_factor = factor
+    topic = table.changelog_topic
+    topic.replicas = factor
+    topic.config = {**(topic.config or {}), "min.insync.replicas": str(min_insync)}
+
+
 def remember_partition(table: Any, key: bytes, partition: int) -> None:
     """Tell the memory store which partition a key belongs to, as its own changelog reader does,
     so that it forgets the key when the partition moves to another worker."""
@@ -273,3 +285,12 @@ class FaustWorker(faust.Worker):
             self.execute_from_commandline()
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 1
+
+
+def add_web_middleware(app: faust.App, middleware: Any) -> None:
+    """Put an aiohttp middleware in front of every route of the app's web server, Faust's own included.
+
+    Faust's aiohttp driver keeps its `aiohttp.web.Application` as `web_app`; middlewares can be
+    added until the server starts.
+    """
+    app.web.web_app.middlewares.append(middleware)  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -44,6 +44,7 @@ class GroupView:
         active: Callable[[], set[int]],
         peers: Callable[[], list[str]],
         ready: Callable[[], bool],
+        tokens: Sequence[str] = (),
     ) -> None:
         self.processor = processor
         self.partitions = partitions
@@ -51,6 +52,10 @@ class GroupView:
         self.active = active
         self.peers = peers
         self.ready = ready
+        # The read side's tokens: a peer gets the first, or, during a rotation that reached it first
+        # or not yet, whichever of them it took last time.
+        self.tokens = list(tokens)
+        self._token_of: dict[str, int] = {}
         self._client: httpx.AsyncClient | None = None
 
     def local(self, since: int = 0) -> LocalBooks:
@@ -62,12 +67,23 @@ class GroupView:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=2.0)
         try:
-            r = await self._client.get(f"{url.rstrip('/')}/api/local", params={"since": since})
+            r = await self._get_local(self._client, url, since)
             r.raise_for_status()
             return _dec_local.decode(r.content)
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
             log.warning("group view: worker %s did not answer: %s", url, exc)
             return None
+
+    async def _get_local(self, client: httpx.AsyncClient, url: str, since: int) -> httpx.Response:
+        first = self._token_of.get(url, 0)
+        order = [(first + i) % len(self.tokens) for i in range(len(self.tokens))] or [-1]
+        for i in order:
+            headers = {"Authorization": f"Bearer {self.tokens[i]}"} if i >= 0 else None
+            r = await client.get(f"{url.rstrip('/')}/api/local", params={"since": since}, headers=headers)
+            if r.status_code != 401:
+                self._token_of[url] = max(i, 0)
+                break
+        return r
 
     async def books(self, since: int = 0) -> tuple[dict[int, Book], list[str]]:
         """Every partition's newest book, and the workers that answered."""

@@ -6,6 +6,8 @@ from pydantic import SecretStr
 
 from kernel.settings import CommonSettings
 
+PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
+
 
 class WorkerSettings(CommonSettings):
     app_id: str = "callstream-metrics"
@@ -14,8 +16,17 @@ class WorkerSettings(CommonSettings):
     # How the other workers reach this one's web server (they merge each other's partitions);
     # set it when web_host is 0.0.0.0, e.g. http://worker-1:6066.
     web_url: str | None = None
+    # The read side: with tokens, the dashboard, /api/* and /metrics want one (comma-separated, several
+    # during a rotation); without, the web server binds to loopback only unless dashboard_public says so.
+    dashboard_tokens: SecretStr | None = None
+    dashboard_public: bool = False
     data_dir: str = "data/faust"
+    # Alert routes (which rule takes which: the alerts TOML's `route`): the Slack-compatible webhook,
+    # a generic JSON webhook, and PagerDuty's Events API v2.
     alert_webhook_url: SecretStr | None = None
+    alert_json_url: SecretStr | None = None
+    pagerduty_routing_key: SecretStr | None = None
+    pagerduty_url: str = PAGERDUTY_EVENTS_URL
     # A TOML file overriding the shipped alert rules (streams/alerts.default.toml).
     alerts_config: str | None = None
     # Events per batch and the longest wait to fill one: batching is what makes Faust fast.
@@ -23,3 +34,8 @@ class WorkerSettings(CommonSettings):
     batch_within_s: float = 0.05
     # How soon the group notices a dead worker and hands its partitions to the others.
     session_timeout_s: float = 10.0
+
+    def dashboard_token_list(self) -> list[str]:
+        """The read-side tokens; the first is the one this worker shows its peers."""
+        raw = self.dashboard_tokens.get_secret_value() if self.dashboard_tokens else ""
+        return [t.strip() for t in raw.split(",") if t.strip()]

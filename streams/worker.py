@@ -13,13 +13,16 @@ from typing import Any
 import faust
 
 from kernel.catalogue import UNKNOWN, Header
+from kernel.lag import GroupLag, Partition
+from streams.alertroutes import routing
 from streams.alertrules import RATE_RULE, load_config
 from streams.alerts import AlertFeed, WebhookSender, encode_alert, failure_rate_alerts
 from streams.errors import StateUnreadable, StreamsError, WorkerStopped
-from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer
+from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer, set_replication
 from streams.groupview import GroupView
 from streams.metrics import WINDOW_MS
 from streams.processor import Alert, EventMessage, Processor
+from streams.readauth import SHORT_TOKEN, ReadAccess, check_bind
 from streams.readiness import Readiness
 from streams.settings import WorkerSettings
 from streams.table_store import TableStore
@@ -40,6 +43,10 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        tokens = settings.dashboard_token_list()
+        check_bind(settings.web_host, tokens, settings.dashboard_public)
+        if any(len(t) < SHORT_TOKEN for t in tokens):
+            log.warning("a dashboard token is shorter than %d characters: use long random ones", SHORT_TOKEN)
         self.rules = load_config(settings.alerts_config)
         self.readiness = Readiness()
         self.failure: StreamsError | None = None
@@ -49,22 +56,24 @@ class Worker:
         )
         self.topics = WorkerTopics(settings.topic_prefix, self.table.changelog_topic.get_topic_name())
         self.store = TableStore(self.app, self.table)
-        self.sender = WebhookSender(
-            settings.alert_webhook_url.get_secret_value() if settings.alert_webhook_url else None
-        )
+        self.sender = WebhookSender(routing(self.rules, settings))
         self.feed = AlertFeed(settings.kafka_bootstrap, self.topics.alerts)
         self.alerts_topic = self.app.topic(self.topics.alerts, value_type=bytes, key_type=bytes)
         self.processor = Processor(self.store, self.rules, self._publish)
         url = str(self.app.conf.canonical_url)
         self.view = GroupView(
-            self.processor, settings.topic_partitions, url, self.active_partitions, self._peers, self._is_ready
+            self.processor, settings.topic_partitions, url, self.active_partitions, self._peers, self._is_ready, tokens
         )
+        self.group_lag = GroupLag(settings.kafka_bootstrap, self.app.conf.id)
         self.agent = _add_agent(self)
         self._last_rate_alert: dict[str, int] = {}
         self._faust_worker: FaustWorker | None = None
         self.app.gate_start(self._await_topics, self._gate_failed)
         self._connect()
-        register_pages(self.app, Pages(self.view, self.feed, self.sender, self.processor, self.readiness))
+        pages = Pages(
+            self.view, self.feed, self.sender, self.processor, self.readiness, ReadAccess(tokens), self.consumer_lag
+        )
+        register_pages(self.app, pages)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -100,17 +109,20 @@ class Worker:
     # -- the topic gate (runs in a thread, before Faust's producer and consumer start) ------------
 
     def _await_topics(self, stop: threading.Event) -> None:
-        partitions = await_partitions(
+        layout = await_partitions(
             self.settings.kafka_bootstrap,
             self.topics,
             create_partitions=self.settings.topic_partitions,
             group=self.app.conf.id,
             on_wait=self._waiting,
             stop=stop,
+            replication=self.settings.replication(),
         )
-        if partitions is None:
+        if layout is None:
             return
+        partitions = layout.partitions
         set_partitions(self.app, self.table, partitions)
+        set_replication(self.app, self.table, layout.replication, layout.min_insync)
         self.view.partitions = partitions
         self.readiness.recovering()
         log.info(
@@ -159,6 +171,12 @@ class Worker:
     def _is_ready(self) -> bool:
         return self.readiness.is_ready
 
+    async def consumer_lag(self) -> dict[Partition, int]:
+        """The group's lag on the partitions this worker processes (asked of Kafka in a thread)."""
+        active = sorted(self.active_partitions())
+        wanted = [(t, p) for t in self.topics.sources for p in active]
+        return await asyncio.to_thread(self.group_lag.query, wanted)
+
     def _publish(self, alert: Alert) -> None:
         log.info("alert %s", alert.text)
         self.alerts_topic.send_soon(key=alert.id.encode(), value=encode_alert(alert))
@@ -196,6 +214,8 @@ def _new_app(cfg: WorkerSettings) -> App:
         value_serializer="raw",
         key_serializer="raw",
         web_host=cfg.web_host,
+        # Faust binds to every interface unless told: listen where the settings say, and nowhere else.
+        web_bind=cfg.web_host,
         web_port=cfg.web_port,
         canonical_url=cfg.web_url or f"http://{cfg.web_host}:{cfg.web_port}",
         datadir=cfg.data_dir,
@@ -209,6 +229,8 @@ def _new_app(cfg: WorkerSettings) -> App:
         stream_wait_empty=True,
         broker_commit_every=cfg.batch_size * 4,
         web_router_enabled=True,
+        # Faust's /table/<name>/<key> would serve the calls' raw state: the worker's pages do not need it.
+        web_tables_enabled=False,
         # Every batch writes its calls' states to the changelog: let the producer batch them.
         producer_linger_ms=10,
         producer_max_batch_size=1_048_576,

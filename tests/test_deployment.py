@@ -42,9 +42,17 @@ FAILED_DIALS = 5
 CHATS = 4
 
 
+DASHBOARD_TOKEN = "compose-dashboard-token-0123456789"
+
+
 def _shell(prefix: str = "retell", key: str = "k", hook: str = "") -> dict[str, str]:
     """The shell environment `docker compose up` would see."""
-    return {"CALLSTREAM_TOPIC_PREFIX": prefix, "CALLSTREAM_API_KEYS": key, "CALLSTREAM_ALERT_WEBHOOK_URL": hook}
+    return {
+        "CALLSTREAM_TOPIC_PREFIX": prefix,
+        "CALLSTREAM_API_KEYS": key,
+        "CALLSTREAM_ALERT_WEBHOOK_URL": hook,
+        "CALLSTREAM_DASHBOARD_TOKENS": DASHBOARD_TOKEN,
+    }
 
 
 def _ours(spec: dict[str, Any]) -> list[str]:
@@ -83,6 +91,30 @@ def test_every_callstream_service_runs_the_images_entrypoint_with_known_variable
         if var.startswith(("CALLSTREAM_", "RETELL_")) and var not in known
     }
     assert unknown == set(), "docker-compose.yml sets variables that no callstream setting reads"
+
+
+@pytest.mark.parametrize(
+    "shell, refused",
+    [({}, True), ({"CALLSTREAM_DASHBOARD_TOKENS": "t1,t2"}, False), ({"CALLSTREAM_DASHBOARD_PUBLIC": "true"}, False)],
+)
+def test_the_compose_worker_serves_its_read_side_on_0000_only_with_tokens(shell: dict[str, str], refused: bool) -> None:
+    """In its container the worker listens on 0.0.0.0: without tokens (or PUBLIC on purpose) it must refuse."""
+    from streams.errors import ReadSideError
+    from streams.readauth import check_bind
+    from streams.settings import WorkerSettings
+
+    svc = compose.load(shell)["services"]["worker"]
+    host = svc["command"][svc["command"].index("--web-host") + 1]
+    env = {
+        k.removeprefix("CALLSTREAM_").lower(): v for k, v in svc["environment"].items() if k.startswith("CALLSTREAM_")
+    }
+    cfg = WorkerSettings.model_validate({**env, "web_host": host})
+    assert host == "0.0.0.0"
+    if refused:
+        with pytest.raises(ReadSideError, match="CALLSTREAM_DASHBOARD_TOKENS"):
+            check_bind(cfg.web_host, cfg.dashboard_token_list(), cfg.dashboard_public)
+    else:
+        check_bind(cfg.web_host, cfg.dashboard_token_list(), cfg.dashboard_public)
 
 
 def test_the_dockerfile_installs_the_lock_first_copies_every_package_and_runs_as_a_user() -> None:
@@ -211,7 +243,7 @@ class Stack:
 
 def _counts(worker: Process) -> dict[str, Any]:
     try:
-        r = httpx.get(f"{worker.url}/api/counts", timeout=5)
+        r = httpx.get(f"{worker.url}/api/counts", headers={"Authorization": f"Bearer {DASHBOARD_TOKEN}"}, timeout=5)
         return r.json() if r.status_code == 200 else {}  # type: ignore[no-any-return]
     except httpx.HTTPError:
         return {}

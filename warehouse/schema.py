@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 
+from kernel.catalogue import ANALYZED, Subject
 from warehouse.db import scalar
 
 
@@ -226,8 +227,8 @@ class Family:
         return (self.parent, *self.children)
 
 
-CALL_FAMILY = Family("calls", "call_analyzed", CALLS, (CALL_UTTERANCES, CALL_TOOL_CALLS))
-CHAT_FAMILY = Family("chats", "chat_analyzed", CHATS, (CHAT_MESSAGES,))
+CALL_FAMILY = Family("calls", ANALYZED[Subject.CALL], CALLS, (CALL_UTTERANCES, CALL_TOOL_CALLS))
+CHAT_FAMILY = Family("chats", ANALYZED[Subject.CHAT], CHATS, (CHAT_MESSAGES,))
 FAMILIES: tuple[Family, ...] = (CALL_FAMILY, CHAT_FAMILY)
 TABLES: tuple[Table, ...] = tuple(t for f in FAMILIES for t in f.tables)
 TABLES_BY_NAME: dict[str, Table] = {t.name: t for t in TABLES}

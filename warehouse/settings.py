@@ -26,3 +26,11 @@ class SinkSettings(PersonalDataSettings):
     duckdb_threads: int = 2
     # Kafka prefetch; the consuming thread never stops for the writer long, so a fraction of a batch will do.
     fetch_queue_kbytes: int = 16384
+    # The sink's Prometheus endpoint (GET /metrics: consumer lag per partition, records loaded): off
+    # unless a port is set, so that several sinks on one machine never fight over one.
+    sink_metrics_port: int | None = None
+    sink_metrics_host: str = "127.0.0.1"
+
+    def consumer_group(self) -> str:
+        """The group whose committed offsets show the sink's lag (the sink resumes from DuckDB's own)."""
+        return f"{self.group_id}-{self.topic_prefix}"

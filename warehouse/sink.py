@@ -35,6 +35,7 @@ from warehouse.dead_letters import DeadLetters
 from warehouse.errors import WarehouseError
 from warehouse.forget import forgotten_keys
 from warehouse.load import Batch, Offsets, write_batch
+from warehouse.metrics import sink_metrics
 from warehouse.migrations import migrate
 from warehouse.parquet import ParquetPublisher
 from warehouse.personal_data import PersonalData
@@ -106,9 +107,10 @@ class Sink:
         self._cleaned_seq = 0
         self._status_at = 0.0
         self.publisher = self._publisher()
-        group = f"{settings.group_id}-{settings.topic_prefix}"
+        group = settings.consumer_group()
         self.consumer = consumer or Consumer(
-            consumer_config(settings.kafka_bootstrap, group, settings.fetch_queue_kbytes)
+            consumer_config(settings.kafka_bootstrap, group, settings.fetch_queue_kbytes),
+            on_commit=self._on_kafka_commit,
         )
         self.dead_letters = DeadLetters(settings.kafka_bootstrap, topic(settings.topic_prefix, DEAD_LETTER))
         # Between the consuming thread and the writer thread (see run()).
@@ -118,6 +120,7 @@ class Sink:
         self._committed_lock = threading.Lock()
         self._committed: Offsets = {}  # next offsets committed in DuckDB
         self._kafka_committed: Offsets = {}
+        self._kafka_retry_at = 0.0  # after a refused commit, when to commit again
         self._consumed: Offsets = {}  # next offsets read (the consuming thread's only)
 
     def _publisher(self) -> ParquetPublisher:
@@ -169,12 +172,13 @@ class Sink:
         service waits for it, saying so every few seconds."""
         cfg = self.cfg
         if until_caught_up:
-            ensure_topics(cfg.kafka_bootstrap, cfg.topic_prefix, partitions=cfg.topic_partitions)
+            ensure_topics(cfg.kafka_bootstrap, cfg.topic_prefix, cfg.topic_partitions, replication=cfg.replication())
             return
         wait_for_topics(
             cfg.kafka_bootstrap,
             self.topics,
             create_partitions=cfg.topic_partitions,
+            replication=cfg.replication(),
             on_wait=lambda what: log.info("sink not loading yet: %s", what),
             stop=self._stop,
         )
@@ -233,11 +237,21 @@ class Sink:
     def _commit_to_kafka(self) -> None:
         """Tell Kafka what DuckDB committed (only for operators' lag views; the sink resumes from DuckDB)."""
         with self._committed_lock:
-            if self._committed == self._kafka_committed:
+            if self._committed == self._kafka_committed or time.monotonic() < self._kafka_retry_at:
                 return
             offsets = dict(self._committed)
         self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True)
         self._kafka_committed = offsets
+
+    def _on_kafka_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """A commit Kafka refused (a broker away, its group coordinator still loading) is made again a
+        second later; else the lag operators see would stay behind until the next batch, if any."""
+        problem = err.str() if err is not None else next((tp.error.str() for tp in partitions if tp.error), None)
+        if problem is None:
+            return
+        log.info("sink: Kafka did not take the loaded offsets (%s); committing them again", problem)
+        self._kafka_committed = {}
+        self._kafka_retry_at = time.monotonic() + 1.0
 
     # -- the writer thread -------------------------------------------------------------------------
 
@@ -390,6 +404,7 @@ def run_sink(settings: SinkSettings, until_caught_up: bool = False) -> SinkStats
     sink = Sink(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sink.stop())
-    stats = sink.run(until_caught_up=until_caught_up)
+    with sink_metrics(settings, lambda: sink.stats):
+        stats = sink.run(until_caught_up=until_caught_up)
     log.info("sink stopped: %d records, %d rows, %d dead letters", stats.records, stats.rows, stats.dead_letters)
     return stats

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from callstream.sim.http1 import Pool, Target
+from callstream.sim.record import Acknowledged, body_digest
 from callstream.sim.result import SimulationResult
 from callstream.sim.traffic import Delivery
 from kernel.catalogue import Subject, subject_of
@@ -42,6 +43,7 @@ class Job:
     key: str | None
     concurrency: int
     duration: float | None
+    record: bool = False  # report every acknowledged delivery (`callstream simulate --record`)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Pipes:
 
     control: Connection  # parent -> sender: the job, then the run's start (time.monotonic(), one clock)
     inbox: Connection  # parent -> sender: batches of deliveries, then None
-    outbox: Connection  # sender -> parent: ("ready",), ("progress", n), ("result", SimulationResult)
+    outbox: Connection  # sender -> parent: ("ready",), ("progress", n), ("acked", [line]), ("result", SimulationResult)
 
 
 def _retryable(status: int) -> bool:
@@ -71,6 +73,7 @@ class Sender:
         self.tasks: set[asyncio.Task[None]] = set()
         self.start = 0.0
         self.written = 0  # requests not yet reported to the parent
+        self.acked: list[str] = []  # record lines not yet sent to the parent
 
     async def run(self) -> SimulationResult:
         inbox = _relay(self.pipes.inbox)
@@ -123,6 +126,9 @@ class Sender:
         if 200 <= status < 300:
             if not d.duplicate:
                 self.res.accepted_by_event[d.event] += 1
+            if self.job.record:
+                at = int(time.time() * 1000)
+                self.acked.append(Acknowledged(at, d.event, d.key, body_digest(d.body)).line())
         else:
             self.res.failed += 1
 
@@ -164,6 +170,9 @@ class Sender:
         if self.written:
             self.pipes.outbox.send(("progress", self.written))
         self.written = 0
+        if self.acked:
+            self.pipes.outbox.send(("acked", self.acked))
+            self.acked = []
 
 
 def _relay(inbox: Connection) -> asyncio.Queue[Batch]:

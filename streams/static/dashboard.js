@@ -99,6 +99,7 @@ function draw(data) {
 async function poll() {
   try {
     const r = await fetch("/api/metrics?minutes=60", { cache: "no-store" });
+    if (r.status === 401) return location.assign("/login"); // logged out, or its token was rotated out
     if (r.ok) draw(await r.json());
     else $("status").textContent = "worker answered " + r.status;
   } catch (e) {

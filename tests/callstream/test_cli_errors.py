@@ -21,6 +21,8 @@ from callstream.localkafka import free_port
 
 BAD_UTF8_DOTENV = b"CALLSTREAM_TOPIC_PREFIX=caf\xe9\n"  # latin-1, not UTF-8
 BAD_TOML = "[failure_rate\nthreshold = 0.3\n"
+SMS_ROUTE = '[error]\nroute = "sms"\n'
+PD_ROUTE = '[failure_rate]\nroute = ["pagerduty"]\n'
 
 
 @dataclass
@@ -132,6 +134,29 @@ CASES: dict[str, Case] = {
     "up, alerts file not TOML": Case(
         ["up"], "not valid TOML", env={"CALLSTREAM_ALERTS_CONFIG": "alerts.toml"}, files={"alerts.toml": BAD_TOML}
     ),
+    # alert routes
+    **{
+        f"{args[0]}, alert route unknown": Case(
+            args, "route 'sms' is unknown", env={"CALLSTREAM_ALERTS_CONFIG": "a.toml"}, files={"a.toml": SMS_ROUTE}
+        )
+        for args in (["worker"], ["up"])
+    },
+    **{
+        f"{args[0]}, pagerduty route without its routing key": Case(
+            args,
+            "CALLSTREAM_PAGERDUTY_ROUTING_KEY",
+            env={"CALLSTREAM_ALERTS_CONFIG": "a.toml"},
+            files={"a.toml": PD_ROUTE},
+        )
+        for args in (["worker"], ["up"])
+    },
+    # the read side open to everyone by mistake
+    **{
+        f"{args[0]} on 0.0.0.0 without dashboard tokens (.env)": Case(
+            args, "CALLSTREAM_DASHBOARD_TOKENS", dotenv=b"CALLSTREAM_WEB_HOST=0.0.0.0\n"
+        )
+        for args in (["worker"], ["up"])
+    },
 }
 
 

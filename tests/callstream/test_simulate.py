@@ -18,6 +18,7 @@ import pytest
 from retell.lib import webhook_auth
 
 from callstream.localkafka import free_port
+from callstream.sim.record import Acknowledged, body_digest, read_record
 from callstream.simulate import SimulationPlan, SimulationResult, run
 from tests.support.kafka import topic_counts
 
@@ -89,6 +90,32 @@ def test_duration_and_rate_bound_the_run(recorder) -> None:
     res = asyncio.run(run(url, "k", SimulationPlan(duration=1.5, rate=40, duplicate_rate=0, seed=2)))
     assert 40 <= res.events <= 62
     assert len(seen) == res.sent
+
+
+def test_the_record_names_every_acknowledged_delivery_and_nothing_else(recorder, tmp_path) -> None:
+    url, seen, handler = recorder
+    lines: list[str] = []
+    plan = SimulationPlan(calls=20, rate=0, duplicate_rate=0.2, seed=6)
+    res = asyncio.run(run(url, "k", plan, record=lines.extend))
+    acked = [Acknowledged.parse(line) for line in lines]
+    assert len(acked) == len(seen) == res.sent and res.duplicates > 0
+    by_digest = {body_digest(body): orjson.loads(body) for body, _ in seen}
+    assert {a.digest for a in acked} == set(by_digest)  # a duplicate is the same body again
+    for a in acked:
+        body = by_digest[a.digest]
+        key = body["call"]["call_id"] if "call" in body else body["chat"]["chat_id"]
+        assert (a.event, a.key) == (body["event"], key)
+        assert abs(a.at_ms - time.time() * 1000) < 60_000
+    handler.answer = 503  # refused every time: nothing is acknowledged, nothing recorded
+    lines.clear()
+    res = asyncio.run(run(url, "k", SimulationPlan(calls=1, rate=0, duplicate_rate=0, seed=1), record=lines.extend))
+    assert res.failed == res.events > 0 and lines == []
+    record = tmp_path / "acked.tsv"
+    handler.answer = 204
+    seen.clear()
+    proc = _cli(url, "--calls", "5", "--rate", "0", "--seed", "2", "--record", str(record))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(a.digest for a in read_record(record)) == sorted(body_digest(b) for b, _ in seen)
 
 
 def test_summary_names_statuses_and_percentiles() -> None:

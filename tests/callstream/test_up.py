@@ -100,6 +100,8 @@ def test_up_starts_its_own_broker_loads_calls_and_ctrl_c_stops_everything(tmp_pa
         CALLSTREAM_KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka_port}",
         CALLSTREAM_KAFKA_HOME=str(tmp_path / "kafka"),
         CALLSTREAM_KAFKA_CACHE=str(REPO / ".kafka" / "jars"),
+        # A locked read side: up's summary still reads the worker's counts.
+        CALLSTREAM_DASHBOARD_TOKENS="up-dashboard-token-0123456789",
         PYTHONUNBUFFERED="1",
     )
     log = tmp_path / "up.log"
@@ -136,7 +138,8 @@ def test_up_starts_its_own_broker_loads_calls_and_ctrl_c_stops_everything(tmp_pa
         assert "Starting Kafka" in text
         summary = text[text.index("Summary") :]
         rows = int(summary.split("rows in `calls`:")[1].split()[0])
-        assert rows > 0, summary
+        counted = int(summary.split("events counted by the worker:")[1].split()[0])
+        assert rows > 0 and counted > 0, summary
         children = _descendants(proc.pid)
         assert len(children) >= 3  # gateway, worker, sink
 

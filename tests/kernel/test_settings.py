@@ -71,3 +71,18 @@ def test_the_log_level_comes_from_dotenv_unless_the_environment_says_otherwise(
     assert effective_log_level() == "DEBUG"
     monkeypatch.setenv("CALLSTREAM_LOG_LEVEL", "warning")
     assert effective_log_level() == "WARNING"
+
+
+def test_topic_replication_is_unset_by_default_and_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kernel.topics import Replication
+
+    assert CommonSettings().replication() == Replication(None, None)
+    monkeypatch.setenv("CALLSTREAM_TOPIC_REPLICATION", "2")
+    monkeypatch.setenv("CALLSTREAM_TOPIC_MIN_INSYNC_REPLICAS", "1")
+    assert CommonSettings().replication() == Replication(2, 1)
+    monkeypatch.setenv("CALLSTREAM_TOPIC_REPLICATION", "0")
+    with pytest.raises(ValidationError) as info:
+        CommonSettings()
+    assert "CALLSTREAM_TOPIC_REPLICATION" in config_problem(info.value)

@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
+from streams.alertroutes import Routing, routing
 from streams.alertrules import load_config
 from streams.alerts import WebhookSender, failure_rate_alerts
 from streams.errors import AlertConfigError
 from streams.metrics import ALL, Agg
 from streams.processor import Alert
+from streams.settings import WorkerSettings
 
 NOW = 1_790_000_040_000 + 30_000
 
@@ -84,6 +86,10 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
+def _slack(url: str) -> Routing:
+    return routing(load_config(), WorkerSettings(alert_webhook_url=url))
+
+
 def _alert(i: int) -> Alert:
     return Alert(id=f"error:call_{i}", rule="error", agent_id="a", text=f"alert {i}", at=NOW, call_id=f"call_{i}")
 
@@ -93,7 +99,7 @@ def test_webhook_retries_with_backoff_then_delivers_each_once() -> None:
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        sender = WebhookSender(f"http://127.0.0.1:{srv.server_port}/hook", backoff_s=0.01, senders=1)
+        sender = WebhookSender(_slack(f"http://127.0.0.1:{srv.server_port}/hook"), backoff_s=0.01, senders=1)
 
         async def go() -> None:
             task = asyncio.create_task(sender.run())
@@ -112,7 +118,7 @@ def test_webhook_retries_with_backoff_then_delivers_each_once() -> None:
 
 
 def test_submit_never_blocks_when_the_endpoint_is_down() -> None:
-    sender = WebhookSender("http://127.0.0.1:9/unreachable", queue_size=3)
+    sender = WebhookSender(_slack("http://127.0.0.1:9/unreachable"), queue_size=3)
     for i in range(10):
         sender.submit(_alert(i))  # no event loop running the senders: must still return at once
     assert sender.dropped == 7

@@ -115,3 +115,64 @@ def test_dashboard_updates_live(
             assert all(u.startswith(url) for u in requests), "the page must load nothing from elsewhere"
         finally:
             browser.close()
+
+
+TOKEN = "dashboard-token-0123456789abcdef"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make test installs it)")
+def test_login_sets_a_strict_http_only_cookie_that_opens_the_dashboard(
+    topics: str, start_service: Callable[..., Process], tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    worker = start_service(
+        "worker",
+        "worker",
+        "--web-port",
+        str(port),
+        url=url,
+        env={"CALLSTREAM_DASHBOARD_TOKENS": f"other-token-xyz0123456789,{TOKEN}"},
+    )
+    worker.wait_http("/readyz", timeout=90, ok=lambda r: r.status_code == 200)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=ARGS
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            assert page.url == url + "/login"  # sent to the login page
+            assert page.locator("#error").is_hidden()
+            page.fill("#token", "not-the-token-0123456789")
+            page.click("button[type=submit]")
+            page.wait_for_selector("#error", state="visible")
+            assert browser.cookies() == []
+            page.fill("#token", TOKEN)
+            page.click("button[type=submit]")
+            page.wait_for_selector('.tile[data-metric="calls"]')
+            assert page.url == url + "/"
+            page.wait_for_function("() => document.getElementById('status').textContent.startsWith('updated')")
+            (cookie,) = browser.cookies()
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+            assert TOKEN not in cookie["value"]
+            assert page.evaluate("document.cookie") == ""  # the page's scripts cannot read it
+            # The page's own requests carry it; a request from elsewhere does not get in.
+            assert page.evaluate("fetch('/api/counts').then((r) => r.status)") == 200
+            assert httpx.get(f"{url}/api/counts", timeout=10).status_code == 401
+            assert (
+                httpx.get(f"{url}/api/counts", cookies={cookie["name"]: cookie["value"]}, timeout=10).status_code == 200
+            )
+            browser.clear_cookies()  # as when its token is rotated out: the page's next poll goes to the login
+            page.wait_for_url(url + "/login")
+            page.fill("#token", TOKEN)
+            page.click("button[type=submit]")
+            page.wait_for_selector('.tile[data-metric="calls"]')
+            page.goto(url + "/logout")
+            assert page.url == url + "/login" and browser.cookies() == []
+            page.goto(url + "/")
+            assert page.url == url + "/login"
+        finally:
+            browser.close()

@@ -4,7 +4,8 @@
 environment, YAML anchors and merge keys by PyYAML. A service becomes a local process as Docker
 would run it on a machine of its own: the image's ENTRYPOINT with the service's `command` and
 `environment`, every compose host name on loopback, each published container port on a free port
-of this machine, and each volume a folder of the service's own working folder.
+of this machine (in the command and in the environment), and each volume a folder of the service's
+own working folder.
 """
 
 from __future__ import annotations
@@ -122,15 +123,17 @@ class Deployment:
             source, target = str(spec).split(":")[:2]
             volumes[target] = folder / "volumes" / source.strip("./").replace("/", "_")
             volumes[target].mkdir(parents=True, exist_ok=True)
-        env = {k: self._localize(str(v), volumes) for k, v in (svc.get("environment") or {}).items()}
         own = {cport: port for (owner, cport), port in self.ports.items() if owner == name}
-        args = []
-        for arg in svc.get("command", []):
-            arg = str(arg)
-            if arg == "0.0.0.0":
-                arg = "127.0.0.1"  # this service's own interface is loopback here
-            elif arg.isdigit() and int(arg) in own:
-                arg = str(own[int(arg)])
-            args.append(self._localize(arg, volumes))
+
+        def local(value: object) -> str:
+            text = str(value)
+            if text == "0.0.0.0":
+                text = "127.0.0.1"  # this service's own interface is loopback here
+            elif text.isdigit() and int(text) in own:
+                text = str(own[int(text)])
+            return self._localize(text, volumes)
+
+        env = {k: local(v) for k, v in (svc.get("environment") or {}).items()}
+        args = [local(arg) for arg in svc.get("command", [])]
         folder.mkdir(parents=True, exist_ok=True)
         return Service(name, run_as([*entrypoint(), *args]), env, folder, own)

@@ -10,27 +10,43 @@ import orjson
 
 
 class Receiver:
-    """`with Receiver() as r:` serves on a free loopback port; `r.bodies` holds what arrived."""
+    """`with Receiver() as r:` serves on a free loopback port (or a free port of `host`); `r.bodies`
+    holds what arrived.
 
-    def __init__(self) -> None:
+    It answers `status` (PagerDuty's Events API answers 202), and 503 to the first `fail_first`
+    POSTs (those bodies are not kept; `attempts` counts every POST).
+    """
+
+    def __init__(self, status: int = 200, fail_first: int = 0, host: str = "127.0.0.1") -> None:
         self.bodies: list[Any] = []
+        self.attempts = 0
+        self.cut_short = 0  # POSTs whose body never arrived whole
         self._lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                if len(body) < length:  # the sender died in the middle (a worker SIGKILLed): nothing arrived
+                    with owner._lock:
+                        owner.cut_short += 1
+                    self.close_connection = True
+                    return
                 with owner._lock:
-                    owner.bodies.append(orjson.loads(body))
-                self.send_response(200)
+                    owner.attempts += 1
+                    failing = owner.attempts <= fail_first
+                    if not failing:
+                        owner.bodies.append(orjson.loads(body))
+                self.send_response(503 if failing else status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}/hook"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def received(self) -> list[Any]:

@@ -237,7 +237,8 @@ class LakeSink:
     def run(self, until_caught_up: bool = False) -> LakeSinkStats:
         writer = self._writer = threading.Thread(target=self._write_loop, name="lake-writer", daemon=True)
         try:
-            ensure_topics(self.cfg.kafka_bootstrap, self.cfg.topic_prefix, partitions=self.cfg.topic_partitions)
+            cfg = self.cfg
+            ensure_topics(cfg.kafka_bootstrap, cfg.topic_prefix, cfg.topic_partitions, replication=cfg.replication())
             writer.start()
             self.consumer.subscribe(
                 list(self.families), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
