@@ -31,14 +31,14 @@ from confluent_kafka.admin import AdminClient
 from callstream.localcluster import Host, LocalCluster
 from callstream.localkafka import KAFKA_VERSION, free_port
 from callstream.procs import Process
-from kernel.catalogue import all_topics
+from kernel.catalogue import EventName, all_topics
 from kernel.topics import ensure_topics, wait_for_topics
 from tests.support.audit import TopicLog, audit, stored_offsets
+from tests.support.expected import Stored, read_alerts, read_stored
 from tests.support.network import NetHost, Network
 from tests.support.paths import KAFKA_JARS
 from tests.support.receiver import Receiver
 from tests.support.spread import Spread, Tally
-from tests.support.stored import Stored, read_stored
 
 SESSION_TIMEOUT_S = 6.0
 
@@ -227,9 +227,9 @@ class Stack:
         for g in self.gateways:
             if g.process.alive():
                 g.process.stop(signal.SIGTERM, timeout=30)
-        stored = read_stored(self.brokers.bootstrap, self.prefix)
-        lost = [a for a in tally.accepted if a not in stored.events]
-        assert not lost, f"{len(lost)} of {len(tally.accepted)} events answered 204 are not on their topic: {lost[:5]}"
+        lost = set(tally.accepted)
+        stored = read_stored(self.brokers.bootstrap, self.prefix, acked=lost)
+        assert not lost, f"{len(lost)} of {len(tally.accepted)} bodies answered 204 are not on their topic"
         worker = workers[0]
         want = stored.worker_counts()
         wait_for(
@@ -246,16 +246,17 @@ class Stack:
         return stored
 
     def _audit_alerts(self, stored: Stored, exactly_once: bool) -> None:
-        """Every failed dial has its alert on the alerts topic, and every alert there was POSTed, each
-        once. Not yet across a lost worker: one that dies with its host between raising an alert,
+        """Every per-call alert the stored events owe is on the alerts topic, and every alert there
+        was POSTed, each once. Not yet across a lost worker: one that dies with its host between raising an alert,
         sending it to the topic, POSTing it and recording it in its state can leave the alert off the
         topic, unposted, or raised again by the worker that takes over. Until the worker makes alerts
         exactly once, that case is reported (a warning naming each difference), not asserted."""
-        owed = stored.owed_alerts()
-        assert owed, "the traffic had no failed dial: the alert audit would prove nothing"
+        owed = stored.owed_alerts
+        assert owed, "the traffic owed no alert: the alert audit would prove nothing"
 
         def on_topic() -> Counter[str]:
-            return read_stored(self.brokers.bootstrap, self.prefix).alerts
+            log = read_alerts(self.brokers.bootstrap, self.prefix)
+            return Counter({a: n for a, n in log.ids.items() if a in log.per_call})
 
         def posted() -> Counter[str]:
             return Counter(b["alert"]["id"] for b in self.receiver.received() if b["alert"].get("call_id"))
@@ -264,7 +265,7 @@ class Stack:
             time.sleep(10)  # what the surviving worker still had to raise and POST
             alerts, sent = on_topic(), posted()
             differences = {
-                "failed dials without an alert": sorted(owed - set(alerts)),
+                "owed but not raised": sorted(owed - set(alerts)),
                 "on the topic twice": sorted(a for a, n in alerts.items() if n > 1),
                 "never POSTed": sorted(set(alerts) - set(sent)),
                 "POSTed but not on the topic": sorted(set(sent) - set(alerts)),
@@ -274,7 +275,7 @@ class Stack:
             if found:
                 warnings.warn(f"alerts across a lost worker are not exactly once yet: {found}", stacklevel=2)
             return
-        wait_for("an alert for every failed dial", lambda: owed <= set(on_topic()), 120, lambda: owed - set(on_topic()))
+        wait_for("every owed alert", lambda: owed <= set(on_topic()), 120, lambda: owed - set(on_topic()))
         alerts = on_topic()
         assert {a: n for a, n in alerts.items() if n > 1} == {}, f"alerts on the topic more than once: {alerts}"
         wait_for("every alert POSTed", lambda: set(posted()) >= set(alerts), 60, lambda: set(alerts) - set(posted()))
@@ -284,7 +285,10 @@ class Stack:
 
     def _audit_warehouse(self, stored: Stored) -> None:
         assert self.sink is not None
-        want = {"calls": len(stored.keys["call_analyzed"]), "chats": len(stored.keys["chat_analyzed"])}
+        want = {
+            "calls": len(stored.lifecycle[EventName.CALL_ANALYZED]),
+            "chats": len(stored.lifecycle[EventName.CHAT_ANALYZED]),
+        }
         wait_for(
             "the sink loads every analyzed call and chat",
             lambda: {k: self.sink_rows().get(k) for k in want} == want,

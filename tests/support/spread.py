@@ -7,14 +7,13 @@ simulator cannot do, this adds, as a load balancer in front of several gateways 
 delivery goes to the next gateway in turn that its health check (`/healthz` every 0.5 s) finds up;
 a retry goes to another one; a gateway that fails to answer is left out until it answers again.
 
-It records what the audit needs: every event answered 2xx as (event, key, body digest), and the
+It records what the audit needs: the digest of every body answered 2xx, and the
 time, gateway and status of every attempt, so that a test can say when 503s came and how many.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import time
 from collections import Counter
@@ -27,12 +26,9 @@ from callstream.sim.plan import SimulationPlan
 from callstream.sim.sender import SENDER_RETRIES, SENDER_TIMEOUT_S
 from callstream.sim.traffic import Delivery, deliveries
 from kernel.catalogue import Subject, subject_of
+from tests.support.expected import digest_of
 
 HEALTH_EVERY_S = 0.5
-
-
-def digest(body: bytes) -> bytes:
-    return hashlib.blake2b(body, digest_size=16).digest()
 
 
 def _retryable(status: int) -> bool:
@@ -51,7 +47,7 @@ class Attempt:
 class Tally:
     """What the traffic did."""
 
-    accepted: set[tuple[str, str, bytes]] = field(default_factory=set)  # (event, key, body digest) answered 2xx
+    accepted: set[int] = field(default_factory=set)  # digests of the bodies answered 2xx (expected.digest_of)
     attempts: list[Attempt] = field(default_factory=list)
     events: int = 0  # distinct planned events started
     duplicates: int = 0
@@ -197,7 +193,7 @@ class Spread:
         finally:
             slots.release()
         if 200 <= status < 300:
-            t.accepted.add((d.event, d.key, digest(d.body)))
+            t.accepted.add(digest_of(d.body))
         else:
             t.failed += 1
 
