@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
 import msgspec
@@ -60,6 +60,8 @@ class WebhookSender:
         self.sent = 0
         self.failed = 0
         self.dropped = 0
+        # Called with each alert once the sender is done with it (sent, refused, given up, dropped).
+        self.on_done: Callable[[Alert], None] | None = None
 
     def submit(self, alert: Alert) -> None:
         if not self.url:
@@ -67,6 +69,7 @@ class WebhookSender:
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
             log.warning("alert webhook is behind: dropped the oldest queued alert to keep %s", alert.id)
+            self._done(self._queue[0])
         self._queue.append(alert)
         self._wake.set()
 
@@ -82,7 +85,15 @@ class WebhookSender:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._deliver(client, self._queue.popleft())
+            alert = self._queue.popleft()
+            try:
+                await self._deliver(client, alert)
+            finally:
+                self._done(alert)
+
+    def _done(self, alert: Alert) -> None:
+        if self.on_done is not None:
+            self.on_done(alert)
 
     async def _deliver(self, client: httpx.AsyncClient, alert: Alert) -> None:
         assert self.url
@@ -90,7 +101,8 @@ class WebhookSender:
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             try:
-                r = await client.post(self.url, json=body)
+                # The alert id lets a receiver that keeps them drop the one repost a crash can cause.
+                r = await client.post(self.url, json=body, headers={"Idempotency-Key": alert.id})
                 if r.status_code < 300:
                     self.sent += 1
                     return

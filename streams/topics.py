@@ -8,18 +8,41 @@ the worker, the gateway, or the broker's auto-creation) and stops when they disa
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 from kernel.catalogue import ALERTS, UNKNOWN, EventName, topic
 from kernel.topics import partition_counts, wait_for_topics
 from streams.errors import PartitionMismatch, StreamsError
 
+log = logging.getLogger(__name__)
+
 TABLE = "callstream_state"
+
+# The state table's changelog holds live state, not history: compacted, with segments that close
+# often enough for the log cleaner to reach them (it never touches the open one). A recovery reads
+# the compacted log plus at most one open segment (16 MiB, or 10 minutes of writes) and what is
+# dirty (at most ~20 % of the log before the cleaner runs, and never older than an hour). Deletions
+# stay readable for an hour after compaction, far longer than any recovery takes.
+CHANGELOG_CONFIG = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(10 * 60 * 1000),
+    "segment.bytes": str(16 * 1024 * 1024),
+    "min.cleanable.dirty.ratio": "0.2",
+    "max.compaction.lag.ms": str(3600 * 1000),
+    "delete.retention.ms": str(3600 * 1000),
+}
 
 
 @dataclass(frozen=True)
@@ -81,7 +104,47 @@ def await_partitions(
             f"The state table must follow the event topics: delete {topics.changelog} and the consumer "
             f"group {group}, and the worker rebuilds its state from the event topics.",
         )
+    configure_changelog(bootstrap, topics.changelog, partitions if changelog is None else None)
     return partitions
+
+
+def configure_changelog(bootstrap: str, name: str, create_partitions: int | None) -> list[str]:
+    """Create the changelog with CHANGELOG_CONFIG, or give an existing one (an older version's) the
+    settings it lacks; return the names of the settings changed."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        if create_partitions is not None and _create(admin, name, create_partitions):
+            return sorted(CHANGELOG_CONFIG)
+        have = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, name)])
+        entries = next(iter(have.values())).result(timeout=15)
+        wrong = {k: v for k, v in CHANGELOG_CONFIG.items() if k not in entries or entries[k].value != v}
+        if wrong:
+            entries_to_set = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in wrong.items()]
+            done = admin.incremental_alter_configs(
+                [ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries_to_set)]
+            )
+            next(iter(done.values())).result(timeout=15)
+            log.info("the state changelog %s now has %s", name, ", ".join(f"{k}={v}" for k, v in wrong.items()))
+        return sorted(wrong)
+    except KafkaException as exc:
+        settings = ",".join(f"{k}={v}" for k, v in CHANGELOG_CONFIG.items())
+        raise StreamsError(
+            f"cannot give the state changelog {name} its settings ({exc}); set them with `kafka-configs.sh "
+            f"--bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {name} --add-config "
+            f"{settings}` (or allow this worker AlterConfigs on it) and start the worker again"
+        ) from exc
+
+
+def _create(admin: AdminClient, name: str, partitions: int) -> bool:
+    """Create the changelog (the broker's default replication); False when it exists already."""
+    new = NewTopic(name, num_partitions=partitions, replication_factor=-1, config=CHANGELOG_CONFIG)
+    try:
+        next(iter(admin.create_topics([new]).values())).result(timeout=15)
+        return True
+    except KafkaException as exc:
+        if "TOPIC_ALREADY_EXISTS" in str(exc):
+            return False
+        raise
 
 
 def _changelog_partitions(bootstrap: str, changelog: str) -> int | None:

@@ -77,6 +77,11 @@ class _Families:
         self.latency = GaugeMetricFamily(
             "callstream_e2e_latency_p50_ms", "Median of the calls' own e2e latency p50", labels=["agent"]
         )
+        self.late = CounterMetricFamily(
+            "callstream_late_events",
+            "Deliveries for a call whose state may have been dropped: counted here, not in the totals",
+            labels=["agent"],
+        )
 
     def add(self, agent: str, agg: Agg) -> None:
         for name, n in sorted(agg.counts.items()):
@@ -86,6 +91,8 @@ class _Families:
                 self.sentiment.add_metric([agent, name.removeprefix("sentiment:")], n)
             elif name == "active_calls":
                 self.active.add_metric([agent], n)
+            elif name == "late_events":
+                self.late.add_metric([agent], n)
             elif not name.startswith("event:"):
                 self.calls.add_metric([agent, name], n)
         self.cost.add_metric([agent], agg.cost)
@@ -98,7 +105,16 @@ class _Families:
             self.latency.add_metric([agent], p50)
 
     def __iter__(self) -> Iterator[Metric]:
-        yield from (self.calls, self.reasons, self.sentiment, self.cost, self.active, self.duration, self.latency)
+        yield from (
+            self.calls,
+            self.reasons,
+            self.sentiment,
+            self.cost,
+            self.active,
+            self.duration,
+            self.latency,
+            self.late,
+        )
 
 
 class _Collector:
@@ -114,18 +130,34 @@ class _Collector:
         for scope in sorted({s for b in books for s in b.totals}):
             families.add("all" if scope == ALL else scope, merge(b.totals[scope] for b in books if scope in b.totals))
         yield from families
+        state = GaugeMetricFamily(
+            "callstream_state_keys", "Live keys in the worker's state, by partition", labels=["partition", "kind"]
+        )
+        for p in sorted(self.active()):
+            stats = self.processor.stats(p)
+            state.add_metric([str(p), "calls"], stats.calls)
+            state.add_metric([str(p), "windows"], stats.windows)
+        yield state
 
 
 class Pages:
     """What each route answers; `register_pages` puts them on the Faust app's web server."""
 
     def __init__(
-        self, view: GroupView, feed: AlertFeed, sender: WebhookSender, processor: Processor, readiness: Readiness
+        self,
+        view: GroupView,
+        feed: AlertFeed,
+        sender: WebhookSender,
+        processor: Processor,
+        readiness: Readiness,
+        *,
+        state: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.view = view
         self.feed = feed
         self.sender = sender
         self.readiness = readiness
+        self.state_of = state
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(processor, view.active))
 
@@ -138,6 +170,7 @@ class Pages:
             "/api/local": self.local,
             "/api/alerts": self.alerts,
             "/api/counts": self.counts,
+            "/api/state": self.state,
             "/metrics": self.prometheus,
             "/healthz": self.healthz,
             "/readyz": self.readyz,
@@ -177,6 +210,10 @@ class Pages:
         return Reply(
             _json.encode({"events": snap["overall"]["events"], "agents": agents, "complete": snap["complete"]})
         )
+
+    async def state(self, request: Request) -> Reply:
+        """This worker's partitions' live state (calls, windows, clock) and its alert outbox."""
+        return Reply(_json.encode(self.state_of()))
 
     async def prometheus(self, request: Request) -> Reply:
         return Reply(generate_latest(self.registry), "text/plain; version=0.0.4")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from kernel.catalogue import UNKNOWN, Header
 from streams.alertrules import RATE_RULE, load_config
@@ -18,7 +19,9 @@ from streams.alerts import AlertFeed, WebhookSender, encode_alert, failure_rate_
 from streams.errors import StateUnreadable, StreamsError, WorkerStopped
 from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer
 from streams.groupview import GroupView
+from streams.lifetime import Lifetime
 from streams.metrics import WINDOW_MS
+from streams.outbox import Outbox, ids_on_topic
 from streams.processor import Alert, EventMessage, Processor
 from streams.readiness import Readiness
 from streams.settings import WorkerSettings
@@ -54,7 +57,15 @@ class Worker:
         )
         self.feed = AlertFeed(settings.kafka_bootstrap, self.topics.alerts)
         self.alerts_topic = self.app.topic(self.topics.alerts, value_type=bytes, key_type=bytes)
-        self.processor = Processor(self.store, self.rules, self._publish)
+        self.processor = Processor(
+            self.store,
+            self.rules,
+            _raised,
+            lifetime=Lifetime(int(settings.call_ttl_analyzed_s * 1000), int(settings.call_ttl_idle_s * 1000)),
+            sources=self.topics.sources,
+            behind=self._behind,
+        )
+        self.outbox = Outbox(self.store, self._publish, self.sender, self._published_since)
         url = str(self.app.conf.canonical_url)
         self.view = GroupView(
             self.processor, settings.topic_partitions, url, self.active_partitions, self._peers, self._is_ready
@@ -64,7 +75,9 @@ class Worker:
         self._faust_worker: FaustWorker | None = None
         self.app.gate_start(self._await_topics, self._gate_failed)
         self._connect()
-        register_pages(self.app, Pages(self.view, self.feed, self.sender, self.processor, self.readiness))
+        register_pages(
+            self.app, Pages(self.view, self.feed, self.sender, self.processor, self.readiness, state=self.state)
+        )
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -132,7 +145,9 @@ class Worker:
     async def _recovered(self, sender: Any, *args: Any, **kwargs: Any) -> None:
         """Faust restored the table: load this worker's books from it before any event is processed."""
         try:
-            self.processor.recover(self.active_partitions())
+            active = self.active_partitions()
+            self.processor.recover(active)
+            await self.outbox.recovered(active)
         except StateUnreadable as exc:
             self.fail(
                 StateUnreadable(
@@ -159,10 +174,34 @@ class Worker:
     def _is_ready(self) -> bool:
         return self.readiness.is_ready
 
-    def _publish(self, alert: Alert) -> None:
-        log.info("alert %s", alert.text)
-        self.alerts_topic.send_soon(key=alert.id.encode(), value=encode_alert(alert))
-        self.sender.submit(alert)
+    def _behind(self, topic: str, partition: int, next_offset: int) -> bool:
+        """Whether the consumer knows of messages on the topic's partition past `next_offset`."""
+        try:
+            highwater = self.app.consumer.highwater(TP(topic, partition))
+        except Exception:  # not fetched from yet, or the consumer is between assignments
+            return True
+        return highwater is None or highwater > next_offset
+
+    async def _publish(self, alert: Alert) -> None:
+        """Put an alert on `<prefix>.alerts` and wait until the broker has it."""
+        send = self.app.producer.send
+        await (await send(self.topics.alerts, alert.id.encode(), encode_alert(alert), None, None, None))
+
+    def _published_since(self, since_ms: int) -> set[str]:
+        return ids_on_topic(self.settings.kafka_bootstrap, self.topics.alerts, since_ms)
+
+    def state(self) -> dict[str, Any]:
+        """What `/api/state` shows: this worker's partitions' live state and its outbox."""
+        parts = {p: self.processor.stats(p)._asdict() for p in sorted(self.active_partitions())}
+        return {
+            "ready": self.readiness.is_ready,
+            "partitions": parts,
+            "calls": sum(s["calls"] for s in parts.values()),
+            "windows": sum(s["windows"] for s in parts.values()),
+            "expired": sum(s["expired"] for s in parts.values()),
+            "outbox": self.outbox.stats(),
+            "lifetime_s": {"analyzed": self.settings.call_ttl_analyzed_s, "idle": self.settings.call_ttl_idle_s},
+        }
 
     async def _start_alerts(self) -> None:
         # A batch sends one changelog write per call it touched; Faust's default (100 pending
@@ -229,8 +268,10 @@ def _add_agent(worker: Worker) -> Any:
 
     async def process(stream: Any) -> None:
         async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
-            worker.processor.process([_event_message(event.message) for event in events])
-            await worker.store.flush()
+            raised = worker.processor.process_by_partition([_event_message(event.message) for event in events])
+            written = await worker.store.flush()
+            for partition, alerts in raised.items():
+                worker.outbox.committed(partition, alerts, written.get(partition))
 
     return app.agent(source)(process)
 
@@ -250,4 +291,8 @@ def _event_message(message: Any) -> EventMessage:
         ts = message.timestamp
         at = int(ts * 1000) if ts else int(time.time() * 1000)
     key = message.key if isinstance(message.key, bytes) else str(message.key or "").encode()
-    return EventMessage(message.partition, name, key, message.value or b"", at)
+    return EventMessage(message.partition, name, key, message.value or b"", at, message.topic, message.offset)
+
+
+def _raised(alert: Alert) -> None:
+    log.info("alert %s", alert.text)
