@@ -15,9 +15,6 @@ from typing import NamedTuple
 from streams.calls import CallState, is_done
 
 HOUR_MS = 3600 * 1000
-# A due state is dropped within this much event time of its due time: the index keeps one set of
-# keys per bucket, not one entry per call.
-BUCKET_MS = 60_000
 
 
 class Lifetime(NamedTuple):
@@ -30,6 +27,12 @@ class Lifetime(NamedTuple):
     def shortest(self) -> int:
         """What any state outlives its last delivery by."""
         return min(self.analyzed_ms, self.idle_ms)
+
+    @property
+    def bucket_ms(self) -> int:
+        """A due state is dropped within 1 % of the shortest lifetime after its due time: the index
+        keeps one set of keys per bucket of due times, not one entry per call."""
+        return max(1, self.shortest // 100)
 
     def expires_at(self, state: CallState, clock: int) -> int:
         """When the state may go; a state without `last_at` (an older version's) counts from `clock`."""
@@ -52,7 +55,8 @@ class Lifetime(NamedTuple):
 class Expiry:
     """One partition's live calls by due time: set on every change, popped once the clock passes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, bucket_ms: int) -> None:
+        self.bucket_ms = bucket_ms
         self._bucket_of: dict[bytes, int] = {}
         self._buckets: dict[int, set[bytes]] = {}
         self._heap: list[int] = []  # bucket numbers, each pushed when its set is created
@@ -64,7 +68,7 @@ class Expiry:
         return key in self._bucket_of
 
     def set(self, key: bytes, due: int) -> None:
-        bucket = -(-due // BUCKET_MS)  # rounded up: a bucket is due once the clock reaches its end
+        bucket = -(-due // self.bucket_ms)  # rounded up: a bucket is due once the clock reaches its end
         old = self._bucket_of.get(key)
         if old == bucket:
             return
@@ -86,7 +90,7 @@ class Expiry:
         """The keys whose due time the clock has reached, removed from the index."""
         due: list[bytes] = []
         heap, buckets = self._heap, self._buckets
-        while heap and heap[0] * BUCKET_MS <= clock:
+        while heap and heap[0] * self.bucket_ms <= clock:
             keys = buckets.pop(heapq.heappop(heap), set())
             for key in keys:
                 del self._bucket_of[key]

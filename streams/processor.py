@@ -223,8 +223,9 @@ class Partition:
 
     clock: int = 0
     marks: dict[str, Mark] = field(default_factory=dict)
-    expiry: Expiry = field(default_factory=Expiry)
+    expiry: Expiry = field(default_factory=lambda: Expiry(Lifetime().bucket_ms))
     restored: Restored | None = None
+    unaged: list[bytes] = field(default_factory=list)  # states without `last_at`: timed from the next clock
     expired: int = 0  # call states dropped since this worker loaded the partition
 
 
@@ -326,7 +327,7 @@ class Processor:
     # -- loading a partition from the recovered table ---------------------------------------------
 
     def _load(self, partition: int) -> Book:
-        book, part = Book(), Partition()
+        book, part = Book(), Partition(expiry=Expiry(self.lifetime.bucket_ms))
         self.parts[partition] = part
         commit = self._commit_record(partition)
         if commit is not None:
@@ -345,7 +346,10 @@ class Processor:
             raw = self.store.get(key)
             if raw is not None:
                 state = _decode(_dec_state, partition, key, raw)
-                part.expiry.set(key, self.lifetime.expires_at(state, part.clock))
+                if state.last_at:
+                    part.expiry.set(key, self.lifetime.expires_at(state, part.clock))
+                else:  # an older version's: the clock it loaded with may be 0 (it kept none)
+                    part.unaged.append(key)
         return book
 
     def _commit_record(self, partition: int) -> Commit | None:
@@ -441,6 +445,10 @@ class Processor:
         if clock is not None and clock > part.clock:
             part.clock = clock
         lifetime, expiry = self.lifetime, part.expiry
+        for key in part.unaged:
+            if key not in expiry:
+                expiry.set(key, part.clock + lifetime.idle_ms)
+        part.unaged = []
         for key in batch.changed:
             expiry.set(key, lifetime.expires_at(batch.states[key], part.clock))
         for key in expiry.pop_due(part.clock):

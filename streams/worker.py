@@ -212,7 +212,9 @@ class Worker:
 
     async def _check_failure_rate(self) -> None:
         rule = self.rules.failure_rate
-        if not rule.enabled or not self.readiness.is_ready:
+        # Until the feed has read the alerts raised before (by this worker's predecessor too), the
+        # throttle does not know them.
+        if not rule.enabled or not self.readiness.is_ready or not self.feed.loaded.is_set():
             return
         # Throttling survives a restart or a new leader: the feed holds the alerts raised before.
         last = self._last_rate_alert
