@@ -19,6 +19,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
+    ConfigSource,
     NewTopic,
 )
 
@@ -32,13 +33,13 @@ TABLE = "callstream_state"
 
 # The state table's changelog holds live state, not history: compacted, with segments that close
 # often enough for the log cleaner to reach them (it never touches the open one). A recovery reads
-# the compacted log plus at most one open segment (16 MiB, or 10 minutes of writes) and what is
-# dirty (at most ~20 % of the log before the cleaner runs, and never older than an hour). Deletions
-# stay readable for an hour after compaction, far longer than any recovery takes.
+# the compacted log plus at most one open segment per partition (4 MiB, or 10 minutes of writes)
+# and what is dirty (at most ~20 % of the log before the cleaner runs, and never older than an
+# hour). Deletions stay readable for an hour after compaction, far longer than any recovery takes.
 CHANGELOG_CONFIG = {
     "cleanup.policy": "compact",
     "segment.ms": str(10 * 60 * 1000),
-    "segment.bytes": str(16 * 1024 * 1024),
+    "segment.bytes": str(4 * 1024 * 1024),
     "min.cleanable.dirty.ratio": "0.2",
     "max.compaction.lag.ms": str(3600 * 1000),
     "delete.retention.ms": str(3600 * 1000),
@@ -109,15 +110,19 @@ def await_partitions(
 
 
 def configure_changelog(bootstrap: str, name: str, create_partitions: int | None) -> list[str]:
-    """Create the changelog with CHANGELOG_CONFIG, or give an existing one (an older version's) the
-    settings it lacks; return the names of the settings changed."""
+    """Create the changelog with CHANGELOG_CONFIG, or give an existing one (an older version's) those
+    settings it has no value of its own for; return the names of the settings changed.
+
+    A value set on the topic (by an operator, say) is kept, except a cleanup policy other than
+    `compact`: deleting old segments would lose live state.
+    """
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
         if create_partitions is not None and _create(admin, name, create_partitions):
             return sorted(CHANGELOG_CONFIG)
         have = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, name)])
         entries = next(iter(have.values())).result(timeout=15)
-        wrong = {k: v for k, v in CHANGELOG_CONFIG.items() if k not in entries or entries[k].value != v}
+        wrong = {k: v for k, v in CHANGELOG_CONFIG.items() if _needs(k, v, entries.get(k))}
         if wrong:
             entries_to_set = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in wrong.items()]
             done = admin.incremental_alter_configs(
@@ -133,6 +138,16 @@ def configure_changelog(bootstrap: str, name: str, create_partitions: int | None
             f"--bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {name} --add-config "
             f"{settings}` (or allow this worker AlterConfigs on it) and start the worker again"
         ) from exc
+
+
+def _needs(key: str, value: str, entry: ConfigEntry | None) -> bool:
+    if entry is None:
+        return True
+    if key == "cleanup.policy":
+        return str(entry.value) != value
+    # librdkafka gives the source as its number, not the enum.
+    source = entry.source.value if isinstance(entry.source, ConfigSource) else entry.source
+    return source != ConfigSource.DYNAMIC_TOPIC_CONFIG.value and str(entry.value) != value
 
 
 def _create(admin: AdminClient, name: str, partitions: int) -> bool:
