@@ -86,10 +86,8 @@ class WebhookSender:
                 await self._wake.wait()
                 continue
             alert = self._queue.popleft()
-            try:
-                await self._deliver(client, alert)
-            finally:
-                self._done(alert)
+            await self._deliver(client, alert)
+            self._done(alert)
 
     def _done(self, alert: Alert) -> None:
         if self.on_done is not None:

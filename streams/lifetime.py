@@ -86,11 +86,12 @@ class Expiry:
         if bucket is not None:
             self._buckets[bucket].discard(key)
 
-    def pop_due(self, clock: int) -> list[bytes]:
-        """The keys whose due time the clock has reached, removed from the index."""
+    def pop_due(self, clock: int, limit: int) -> list[bytes]:
+        """The keys whose due time the clock has reached, removed from the index: about `limit` at most
+        (whole buckets; the rest stay due for the next call)."""
         due: list[bytes] = []
         heap, buckets = self._heap, self._buckets
-        while heap and heap[0] * self.bucket_ms <= clock:
+        while heap and heap[0] * self.bucket_ms <= clock and len(due) < limit:
             keys = buckets.pop(heapq.heappop(heap), set())
             for key in keys:
                 del self._bucket_of[key]

@@ -265,6 +265,11 @@ def _apply(book: Book, agent: str, received_at: int, effects: Effects, batch: _B
             effects.apply_to(agg)
 
 
+# Call states one batch drops at most (whole buckets of due times, so a little more): a clock that
+# jumps hours ahead, once a lagging topic is read, spreads its drops over the next batches and keeps
+# the commit record small.
+DROPS_PER_BATCH = 2000
+
 # Whether the partition has unread messages on a topic past a given offset (the worker asks its consumer).
 Behind = Callable[[str, int, int], bool]
 
@@ -451,7 +456,7 @@ class Processor:
         part.unaged = []
         for key in batch.changed:
             expiry.set(key, lifetime.expires_at(batch.states[key], part.clock))
-        for key in expiry.pop_due(part.clock):
+        for key in expiry.pop_due(part.clock, DROPS_PER_BATCH):
             batch.changed.discard(key)
             batch.states.pop(key, None)
             batch.gone.append(key)

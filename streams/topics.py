@@ -43,6 +43,9 @@ CHANGELOG_CONFIG = {
     "min.cleanable.dirty.ratio": "0.2",
     "max.compaction.lag.ms": str(3600 * 1000),
     "delete.retention.ms": str(3600 * 1000),
+    # A commit record carries its batch's changed calls, new alerts and drops: more than Kafka's
+    # default 1 MB when a batch of thousands of events catches up (streams/processor.py bounds it).
+    "max.message.bytes": str(16 * 1024 * 1024),
 }
 
 

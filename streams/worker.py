@@ -253,7 +253,8 @@ def _new_app(cfg: WorkerSettings) -> App:
         # Every batch writes its calls' states to the changelog: let the producer batch them.
         producer_linger_ms=10,
         producer_max_batch_size=1_048_576,
-        producer_max_request_size=4_194_304,
+        # The changelog takes records up to 16 MiB (streams/topics.py): a commit record of a large batch.
+        producer_max_request_size=16 * 1_048_576,
         # Event bodies run to 30 KB: aiokafka's default 1 MB per partition and fetch would hand
         # the stream a few dozen call_analyzed at a time.
         consumer_max_fetch_size=8 * 1_048_576,

@@ -35,16 +35,26 @@ def test_expiry_pops_what_the_clock_reached_once_and_follows_changes() -> None:
     index.set(b"c", 300)
     index.set(b"b", 400)  # b changed: due later
     assert len(index) == 3 and b"b" in index
-    assert index.pop_due(99) == []
-    assert index.pop_due(100) == [b"a"]
-    assert index.pop_due(100) == []
+    assert index.pop_due(99, 100) == []
+    assert index.pop_due(100, 100) == [b"a"]
+    assert index.pop_due(100, 100) == []
     index.discard(b"c")
-    assert index.pop_due(350) == [] and len(index) == 1
+    assert index.pop_due(350, 100) == [] and len(index) == 1
     index.set(b"d", 5)  # due in the past: the next pop takes it
-    assert sorted(index.pop_due(400)) == [b"b", b"d"] and len(index) == 0
+    assert sorted(index.pop_due(400, 100)) == [b"b", b"d"] and len(index) == 0
 
 
 def test_expiry_rounds_due_times_up_to_its_bucket() -> None:
     index = Expiry(bucket_ms=60)
     index.set(b"a", 61)
-    assert index.pop_due(119) == [] and index.pop_due(120) == [b"a"]
+    assert index.pop_due(119, 100) == [] and index.pop_due(120, 100) == [b"a"]
+
+
+def test_expiry_gives_about_limit_keys_at_a_time_and_keeps_the_rest_due() -> None:
+    index = Expiry(bucket_ms=10)
+    for i in range(100):
+        index.set(b"k%d" % i, 10 * (i // 10 + 1))  # ten buckets of ten keys
+    first = index.pop_due(1000, limit=25)
+    assert len(first) == 30  # whole buckets: up to the one that reached the limit
+    rest = index.pop_due(1000, limit=1000)
+    assert len(rest) == 70 and not set(first) & set(rest) and len(index) == 0
