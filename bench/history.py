@@ -180,7 +180,8 @@ def wait_caught_up(worker: WorkerProc, sent: Sent, timeout: float = 1800) -> dic
         if n != last:
             last, last_change = n, time.monotonic()
         if time.monotonic() > deadline or time.monotonic() - last_change > 300:
-            raise SystemExit(f"the worker is stuck at {n:,} of {sent.events:,} events; see {worker.log}")
+            late = overall["late_events"] if overall is not None else "?"
+            raise SystemExit(f"the worker is stuck at {n:,} of {sent.events:,} events ({late} late); see {worker.log}")
         time.sleep(0.5)
 
 
@@ -230,9 +231,11 @@ def run(args: argparse.Namespace, tmp: Path, kafka: LocalKafka) -> tuple[list[Ro
             if day == args.days:
                 traffic.finish()
             overall = wait_caught_up(worker, traffic.sent)
+            now = worker.get("/api/state")
             say(
                 f"day {day}: {traffic.sent.calls + traffic.sent.chats:,} calls and chats, {traffic.sent.events:,} "
-                f"events so far; {time.monotonic() - started:.0f} s; worker RSS {worker.rss_mb():.0f} MB"
+                f"events so far; {time.monotonic() - started:.0f} s; worker RSS {worker.rss_mb():.0f} MB, "
+                f"{now['calls']:,} call states, {now['windows']:,} windows, outbox {now['outbox']}"
             )
             if day not in args.checkpoints:
                 continue

@@ -270,16 +270,17 @@ def _apply(book: Book, agent: str, received_at: int, effects: Effects, batch: _B
 # the commit record small.
 DROPS_PER_BATCH = 2000
 
-# Whether the partition has unread messages on a topic past a given offset (the worker asks its consumer).
-Behind = Callable[[str, int, int], bool]
+# For an event topic's partition read up to a given offset: the `received_at` up to which it is known
+# to hold nothing more, or None when that is not known (the worker asks the broker, see worker.py).
+Horizon = Callable[[str, int, int], int | None]
 
 
 class Processor:
     """Applies batches of events to the table; hands every alert raised to `on_alert`.
 
-    `sources` and `behind` give the partition's clock its lower bound: an event topic the partition
-    has not read to its end holds the clock at the latest `received_at` read from it. Without them
-    (unit tests, benchmarks that feed a whole history) the clock is the latest `received_at` read.
+    `sources` and `horizon` give the partition's clock its lower bound: an event topic the partition
+    may still have unread messages on holds the clock at the latest `received_at` read from it. Without
+    them (unit tests, benchmarks that feed a whole history) the clock is the latest `received_at` read.
     """
 
     def __init__(
@@ -290,14 +291,15 @@ class Processor:
         *,
         lifetime: Lifetime | None = None,
         sources: Sequence[str] = (),
-        behind: Behind | None = None,
+        horizon: Horizon | None = None,
     ) -> None:
         self.store = store
         self.rules = rules
         self.on_alert = on_alert
         self.lifetime = lifetime or Lifetime()
         self.sources = list(sources)
-        self.behind = behind
+        self.horizon = horizon
+        self.newest = 0  # the latest `received_at` read, of any partition
         self.books: dict[int, Book] = {}
         self.parts: dict[int, Partition] = {}
         self.invalid = 0
@@ -394,12 +396,27 @@ class Processor:
                     self.on_alert(alert)
         return raised
 
+    def tick(self, partitions: Iterable[int]) -> bool:
+        """Move the partitions' clocks on without events (the topics' ends are known anew) and drop
+        what they passed; whether that wrote anything."""
+        wrote = False
+        for partition in partitions:
+            book, part = self.book(partition), self.parts[partition]
+            batch = _Batch()
+            self._advance(partition, book, part, batch)
+            if batch.gone or part.restored is not None:
+                self._commit(partition, book, part, batch)
+                wrote = True
+        return wrote
+
     def _process_partition(self, partition: int, messages: list[EventMessage]) -> list[Alert]:
         book = self.book(partition)
         part = self.parts[partition]
         batch = _Batch()
         for message in messages:
             _mark(part, message)
+            if message.received_at > self.newest:
+                self.newest = message.received_at
             self._apply_message(book, part, message, batch)
         self._advance(partition, book, part, batch)
         self._commit(partition, book, part, batch)
@@ -469,18 +486,22 @@ class Processor:
 
     def _watermark(self, partition: int, part: Partition) -> int | None:
         """The partition's event time: the latest `received_at` read, held back by every event topic
-        with unread messages to the latest read from it; None when such a topic was never read."""
-        low = max((m.at for m in part.marks.values()), default=0)
-        behind = self.behind
-        if behind is None:
-            return low
+        that may have unread messages to the latest read from it (its next message is no older);
+        None when such a topic was never read. A topic read to its end does not hold it back, so a
+        quiet partition's clock follows what the others read."""
+        top = max((m.at for m in part.marks.values()), default=0)
+        horizon = self.horizon
+        if horizon is None:
+            return top
+        low: int | None = None
         for topic in self.sources:
             mark = part.marks.get(topic)
-            if behind(topic, partition, mark.next if mark is not None else 0):
-                if mark is None:
-                    return None
-                low = min(low, mark.at)
-        return low
+            known = horizon(topic, partition, mark.next if mark is not None else 0)
+            if known is None and mark is None:
+                return None
+            bound = max(known or 0, mark.at if mark is not None else 0)
+            low = bound if low is None else min(low, bound)
+        return top if low is None else low
 
     def _commit(self, partition: int, book: Book, part: Partition, batch: _Batch) -> None:
         """Write the commit record, then what it names, then the end marker (see the module's docstring)."""
@@ -508,6 +529,7 @@ class Processor:
 
 
 def _mark(part: Partition, message: EventMessage) -> None:
+    """Note how far the partition has read the message's topic."""
     mark = part.marks.get(message.topic)
     if mark is None:
         part.marks[message.topic] = Mark(message.received_at, message.offset + 1)

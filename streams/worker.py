@@ -20,6 +20,7 @@ from streams.errors import StateUnreadable, StreamsError, WorkerStopped
 from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer
 from streams.groupview import GroupView
 from streams.lifetime import Lifetime
+from streams.memory import release_free_memory
 from streams.metrics import WINDOW_MS
 from streams.outbox import Outbox, ids_on_topic
 from streams.processor import Alert, EventMessage, Processor
@@ -63,8 +64,12 @@ class Worker:
             _raised,
             lifetime=Lifetime(int(settings.call_ttl_analyzed_s * 1000), int(settings.call_ttl_idle_s * 1000)),
             sources=self.topics.sources,
-            behind=self._behind,
+            horizon=self._horizon,
         )
+        # Per event topic partition: its end offset, and the latest `received_at` read before it was asked.
+        self._ends: dict[TP, tuple[int, int]] = {}
+        # Held while the state changes and its writes go to the producer: a batch, or a tick of the clocks.
+        self.state_lock = asyncio.Lock()
         self.outbox = Outbox(self.store, self._publish, self.sender, self._published_since)
         url = str(self.app.conf.canonical_url)
         self.view = GroupView(
@@ -109,6 +114,8 @@ class Worker:
         app.on_rebalance_complete.connect(self._recovered)  # type: ignore[arg-type]
         app.task(self._start_alerts)
         app.timer(self.rules.failure_rate.check_seconds, on_leader=True)(self._check_failure_rate)
+        app.timer(1.0)(self._tick)
+        app.timer(60.0)(self._release_memory)
 
     # -- the topic gate (runs in a thread, before Faust's producer and consumer start) ------------
 
@@ -174,13 +181,39 @@ class Worker:
     def _is_ready(self) -> bool:
         return self.readiness.is_ready
 
-    def _behind(self, topic: str, partition: int, next_offset: int) -> bool:
-        """Whether the consumer knows of messages on the topic's partition past `next_offset`."""
+    def _horizon(self, topic: str, partition: int, next_offset: int) -> int | None:
+        """Up to which `received_at` the topic's partition holds nothing unread past `next_offset`.
+
+        When it was read to the end offset the broker gave, it holds nothing received before the
+        events the worker had read when it asked: the gateway stamps `received_at` as it produces,
+        so whatever came later is no older. (The end offsets a fetch brings are not enough: Faust
+        pauses the fetching of partitions whose buffers are full, and theirs go stale.)
+        """
+        known = self._ends.get(TP(topic, partition))
+        if known is None or next_offset < known[0]:
+            return None
+        return known[1]
+
+    async def _release_memory(self) -> None:
+        release_free_memory()
+
+    async def _tick(self) -> None:
+        """Every second: ask the broker for the end offsets of this worker's event topic partitions,
+        then move the clocks on and drop what they passed, also where no event came meanwhile."""
+        active = self.active_partitions()
+        if not active or not self.readiness.is_ready:
+            return
+        read = self.processor.newest
+        tps = [TP(t, p) for t in self.topics.sources for p in sorted(active)]
         try:
-            highwater = self.app.consumer.highwater(TP(topic, partition))
-        except Exception:  # not fetched from yet, or the consumer is between assignments
-            return True
-        return highwater is None or highwater > next_offset
+            ends = await self.app.consumer.highwaters(*tps)
+        except Exception as exc:  # a rebalance, Kafka away: the clocks wait for the next answer
+            log.debug("end offsets of the event topics not read: %s", exc)
+            return
+        self._ends = {TP(tp.topic, tp.partition): (int(end), read) for tp, end in ends.items() if end is not None}
+        async with self.state_lock:
+            if self.readiness.is_ready and self.processor.tick(self.active_partitions()):
+                await self.store.flush()
 
     async def _publish(self, alert: Alert) -> None:
         """Put an alert on `<prefix>.alerts` and wait until the broker has it."""
@@ -271,8 +304,9 @@ def _add_agent(worker: Worker) -> Any:
 
     async def process(stream: Any) -> None:
         async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
-            raised = worker.processor.process_by_partition([_event_message(event.message) for event in events])
-            written = await worker.store.flush()
+            async with worker.state_lock:
+                raised = worker.processor.process_by_partition([_event_message(e.message) for e in events])
+                written = await worker.store.flush()
             for partition, alerts in raised.items():
                 worker.outbox.committed(partition, alerts, written.get(partition))
 

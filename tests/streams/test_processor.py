@@ -318,12 +318,13 @@ def test_an_event_topic_with_unread_messages_holds_the_clock(factory: CallFactor
     """A worker catching up reads small topics faster than big ones: a call's call_ended may still
     be unread on its topic when call_started's topic is hours ahead. Its state must wait for it."""
     unread = {"t.call_ended"}
+
+    def horizon(topic: str, partition: int, offset: int) -> int | None:
+        """Read to its end as of when the latest event read so far was read (what the worker learns)."""
+        return None if topic in unread else proc.newest
+
     proc = Processor(
-        DictStore(),
-        load_config(),
-        lifetime=SHORT,
-        sources=["t.call_started", "t.call_ended"],
-        behind=lambda topic, partition, offset: topic in unread,
+        DictStore(), load_config(), lifetime=SHORT, sources=["t.call_started", "t.call_ended"], horizon=horizon
     )
     evs = factory.events("completed", now_ms=T0)
     started, ended = evs[0], next(e for e in evs if e.event == "call_ended")
@@ -369,3 +370,27 @@ def test_a_state_written_by_an_older_version_counts_its_lifetime_from_the_clock(
     assert b"c:old" in store.data
     _deliver(proc, factory.events("completed", now_ms=T0 + 62 * MIN), T0 + 62 * MIN)
     assert b"c:old" not in store.data
+
+
+def test_a_tick_drops_what_the_clock_passed_without_events(factory: CallFactory) -> None:
+    """Topics read to their end let the clock follow the newest event read anywhere: a partition
+    that gets no more events still drops its states."""
+    ends: dict[str, int] = {}
+    proc = Processor(
+        DictStore(),
+        load_config(),
+        lifetime=SHORT,
+        sources=["t.a"],
+        horizon=lambda topic, partition, offset: ends.get(topic),
+    )
+    evs = factory.events("completed", now_ms=T0)
+    proc.process([EventMessage(0, e.event, e.key.encode(), e.body(), T0, "t.a", i) for i, e in enumerate(evs)])
+    later = factory.events("completed", now_ms=T0 + 20 * MIN)
+    proc.process(
+        [EventMessage(1, e.event, e.key.encode(), e.body(), T0 + 20 * MIN, "t.a", i) for i, e in enumerate(later)]
+    )
+    assert proc.stats(0).calls == 1 and not proc.tick([0, 1])  # the ends are not known yet
+    ends["t.a"] = proc.newest  # both partitions read to their ends as of the newest event read
+    assert proc.tick([0, 1])
+    assert proc.stats(0).calls == 0 and proc.stats(0).clock == T0 + 20 * MIN and proc.stats(1).calls == 1
+    assert (0, b"c:" + evs[0].key.encode(), None) in proc.store.changelog  # type: ignore[attr-defined]
