@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-warehouse bench-simulate bench-lake bench-cluster soak bench-ops clean chromium postgresql prometheus netns
+.PHONY: up test install lock kafka kafka-stop lint bench bench-gateway bench-streams bench-history bench-warehouse bench-simulate bench-lake bench-cluster soak bench-ops clean chromium postgresql prometheus netns
 
 $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@command -v $(PY) >/dev/null || { echo "$(PY) not found; set PY=python3.11 or newer"; exit 1; }
@@ -78,6 +78,10 @@ bench-gateway: $(STAMP)
 
 bench-streams: $(STAMP)
 	$(BIN)/python -m bench.streams
+
+## make bench-history: a month of traffic in simulated time (BENCH_HISTORY_ARGS='--calls-per-day 5000' for a quick one).
+bench-history: $(STAMP)
+	$(BIN)/python -m bench.history $(BENCH_HISTORY_ARGS)
 
 bench-warehouse: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'

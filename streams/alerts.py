@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
 import msgspec
@@ -61,6 +61,9 @@ class WebhookSender:
         self._queued: OrderedDict[tuple[str, str], None] = OrderedDict()  # (route, alert id) lately queued
         self._wake = asyncio.Event()
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (route, "sent" | "failed" | "dropped")
+        self._open: dict[str, int] = {}  # alert id -> its routes not yet done with it
+        # Called with each alert once every route is done with it (sent, refused, given up, dropped).
+        self.on_done: Callable[[Alert], None] | None = None
 
     @property
     def sent(self) -> int:
@@ -77,22 +80,42 @@ class WebhookSender:
     def _total(self, outcome: str) -> int:
         return sum(n for (_, o), n in self.outcomes.items() if o == outcome)
 
+    def posts(self, alert: Alert) -> bool:
+        """Whether any route takes this alert (the outbox waits for `on_done` only then)."""
+        return bool(self.routing.routes(alert))
+
     def submit(self, alert: Alert) -> None:
-        for route in self.routing.routes(alert):
-            key = (route.name, alert.id)
-            if key in self._queued:
-                continue
-            self._queued[key] = None
+        fresh = [route for route in self.routing.routes(alert) if (route.name, alert.id) not in self._queued]
+        if not fresh:  # every route has it queued or done already
+            if alert.id not in self._open:
+                self._done(alert)
+            return
+        self._open[alert.id] = self._open.get(alert.id, 0) + len(fresh)
+        for route in fresh:
+            self._queued[(route.name, alert.id)] = None
             if len(self._queued) > (self._queue.maxlen or 0):
                 self._queued.popitem(last=False)
             if len(self._queue) == self._queue.maxlen:
-                dropped, _ = self._queue[0]
+                dropped, oldest = self._queue.popleft()
                 self.outcomes[(dropped.name, "dropped")] += 1
                 log.warning(
                     "alert route %s is behind: dropped the oldest queued alert to keep %s", route.name, alert.id
                 )
+                self._route_done(oldest)
             self._queue.append((route, alert))
-            self._wake.set()
+        self._wake.set()
+
+    def _route_done(self, alert: Alert) -> None:
+        left = self._open.get(alert.id, 1) - 1
+        if left > 0:
+            self._open[alert.id] = left
+            return
+        self._open.pop(alert.id, None)
+        self._done(alert)
+
+    def _done(self, alert: Alert) -> None:
+        if self.on_done is not None:
+            self.on_done(alert)
 
     async def run(self) -> None:
         if not self.routing.active:
@@ -106,14 +129,19 @@ class WebhookSender:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._deliver(client, *self._queue.popleft())
+            route, alert = self._queue.popleft()
+            try:
+                await self._deliver(client, route, alert)
+            finally:
+                self._route_done(alert)
 
     async def _deliver(self, client: httpx.AsyncClient, route: Route, alert: Alert) -> None:
         body = self.routing.body(route, alert)
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             try:
-                r = await client.post(route.url, json=body)
+                # The alert id lets a receiver that keeps them drop the one repost a crash can cause.
+                r = await client.post(route.url, json=body, headers={"Idempotency-Key": alert.id})
                 if r.status_code < 300:
                     self.outcomes[(route.name, "sent")] += 1
                     return

@@ -69,6 +69,9 @@ class SubjectFields(msgspec.Struct):
     latency: _Latency | None = None
     call_analysis: _Analysis | None = None
     chat_analysis: _Analysis | None = None
+    # The call's own clock (unix ms): how old a delivery's call is, whatever its received_at says.
+    start_timestamp: float | None = None
+    end_timestamp: float | None = None
 
 
 class Body(msgspec.Struct):
@@ -90,6 +93,26 @@ class CallState(msgspec.Struct, array_like=True, omit_defaults=True):
     voicemail: bool = False
     transcript_len: int = -1
     alerts: int = 0  # RULE_BIT of each per-call alert already raised
+    last_at: int = 0  # the latest `received_at` of any of its deliveries (0: written by an older version)
+    late: bool = False  # first seen after its state could have been dropped: counted in late_events only
+
+
+# Once either is counted the call (or chat) is over: only retries can follow.
+_DONE = EVENT_BIT[EventName.CALL_ANALYZED] | EVENT_BIT[EventName.CHAT_ANALYZED]
+
+
+def is_done(state: CallState) -> bool:
+    """The call's analysis was counted: what is left to come is retries."""
+    return bool(state.seen & _DONE)
+
+
+def call_time(body: Body) -> int | None:
+    """The latest of the call's (or chat's) own start and end timestamps; None when it has neither."""
+    subject = body.call or body.chat
+    if subject is None:
+        return None
+    times = [t for t in (subject.start_timestamp, subject.end_timestamp) if t is not None]
+    return int(max(times)) if times else None
 
 
 class Raised(msgspec.Struct):

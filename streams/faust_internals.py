@@ -15,7 +15,7 @@ tests/streams/test_faust_internals.py and test_worker.py cover them):
   declared only when the table manager starts: the topic gate runs before the producer, consumer
   and tables, with the web server already answering (`GatedBoot`, `set_partitions`).
 - The memory store's `_key_partition` map, by which it forgets revoked partitions' keys
-  (`remember_partition`).
+  (`remember_partition`), and which tells a recovered key's partition (`key_partitions`).
 - `ProducerBuffer.max_messages`, the pending sends that stall a stream (`set_producer_buffer`).
 - `mode.Worker._schedule_shutdown`, the clean stop a signal starts (`stop_worker`), and
   `execute_from_commandline` ending in `SystemExit` with the crash's status (`run_worker`).
@@ -248,12 +248,20 @@ def set_replication(app: faust.App, table: Any, factor: int, min_insync: int) ->
     topic.config = {**(topic.config or {}), "min.insync.replicas": str(min_insync)}
 
 
-def remember_partition(table: Any, key: bytes, partition: int) -> None:
-    """Tell the memory store which partition a key belongs to, as its own changelog reader does,
-    so that it forgets the key when the partition moves to another worker."""
+def remember_partition(table: Any, key: bytes, partition: int | None) -> None:
+    """Tell the memory store which partition a key belongs to (None: the key was deleted), as its
+    own changelog reader does, so that it forgets the key when the partition moves to another worker."""
     key_partition = getattr(table.data, "_key_partition", None)
     if key_partition is not None:
-        key_partition[key] = partition
+        if partition is None:
+            key_partition.pop(key, None)
+        else:
+            key_partition[key] = partition
+
+
+def key_partitions(table: Any) -> Mapping[bytes, int]:
+    """The memory store's key -> partition map: recovered keys and the ones `remember_partition` named."""
+    return cast(Mapping[bytes, int], getattr(table.data, "_key_partition", {}))
 
 
 def set_producer_buffer(app: faust.App, max_messages: int) -> None:

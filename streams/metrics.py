@@ -163,4 +163,5 @@ def summarize(agg: Agg) -> dict[str, Any]:
         "chats_analyzed": g("chats_analyzed", 0),
         "chats_successful": g("chats_successful", 0),
         "events": _prefixed(counts, "event:"),
+        "late_events": g("late_events", 0),
     }

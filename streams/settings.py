@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from kernel.settings import CommonSettings
 
@@ -34,6 +34,10 @@ class WorkerSettings(CommonSettings):
     batch_within_s: float = 0.05
     # How soon the group notices a dead worker and hands its partitions to the others.
     session_timeout_s: float = 10.0
+    # How long a call's state is kept after its last delivery, in event time (`received_at`):
+    # once its analysis was counted, and for a call that never gets one (see streams/lifetime.py).
+    call_ttl_analyzed_s: float = Field(default=6 * 3600.0, gt=0)
+    call_ttl_idle_s: float = Field(default=24 * 3600.0, gt=0)
 
     def dashboard_token_list(self) -> list[str]:
         """The read-side tokens; the first is the one this worker shows its peers."""

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import faust
 
-from streams.faust_internals import remember_partition
+from streams.faust_internals import key_partitions, remember_partition
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +39,47 @@ class TableStore:
         data = self.table.data
         if value is None:
             data.pop(key, None)
+            remember_partition(self.table, key, None)
         else:
             data[key] = value
-        remember_partition(self.table, key, partition)
+            remember_partition(self.table, key, partition)
 
     def keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]:
         return (k for k in list(self.table.data.keys()) if k.startswith(prefix))
 
-    async def flush(self) -> None:
+    def keys_of(self, partition: int, prefix: bytes) -> Iterator[bytes]:
+        owned = key_partitions(self.table)
+        return (k for k, p in list(owned.items()) if p == partition and k.startswith(prefix))
+
+    async def flush(self) -> dict[int, asyncio.Future[Any]]:
         """Hand the batch's writes to the Kafka producer, in order, before the batch is acked.
 
         They go straight to the producer, not through Faust's `Topic.send` (a future, a pending
         message and a callback per write, a noticeable share of the worker's CPU): the producer
         flush that precedes every offset commit still covers them, and the memory store keeps no
-        persisted offsets for the callback to record.
+        persisted offsets for the callback to record. Returns, per partition, the future of its
+        last write: the producer keeps a partition's writes in order, so once it is acknowledged
+        they all are.
         """
         send, name, pending = self.app.producer.send, self.table.changelog_topic.get_topic_name(), self.pending
         self.pending = []
+        last: dict[int, asyncio.Future[Any]] = {}
         for partition, key, value in pending:
             fut = cast(asyncio.Future[Any], await send(name, key, value, partition, None, None))
             fut.add_done_callback(self._sent)
+            last[partition] = fut
+        return last
+
+    async def write_now(self, partition: int, key: bytes, value: bytes | None) -> asyncio.Future[Any]:
+        """Set a key and send it to the changelog at once, outside any batch (the outbox's deletions)."""
+        self.restore(partition, key, value)
+        return await self._send(partition, key, value)
+
+    async def _send(self, partition: int, key: bytes, value: bytes | None) -> asyncio.Future[Any]:
+        name = self.table.changelog_topic.get_topic_name()
+        fut = cast(asyncio.Future[Any], await self.app.producer.send(name, key, value, partition, None, None))
+        fut.add_done_callback(self._sent)
+        return fut
 
     def _sent(self, fut: asyncio.Future[Any]) -> None:
         exc = None if fut.cancelled() else fut.exception()

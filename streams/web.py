@@ -92,6 +92,11 @@ class _Families:
         self.latency = GaugeMetricFamily(
             "callstream_e2e_latency_p50_ms", "Median of the calls' own e2e latency p50", labels=["agent"]
         )
+        self.late = CounterMetricFamily(
+            "callstream_late_events",
+            "Deliveries for a call whose state may have been dropped: counted here, not in the totals",
+            labels=["agent"],
+        )
 
     def add(self, agent: str, agg: Agg) -> None:
         for name, n in sorted(agg.counts.items()):
@@ -101,6 +106,8 @@ class _Families:
                 self.sentiment.add_metric([agent, name.removeprefix("sentiment:")], n)
             elif name == "active_calls":
                 self.active.add_metric([agent], n)
+            elif name == "late_events":
+                self.late.add_metric([agent], n)
             elif not name.startswith("event:"):
                 self.calls.add_metric([agent, name], n)
         self.cost.add_metric([agent], agg.cost)
@@ -113,7 +120,16 @@ class _Families:
             self.latency.add_metric([agent], p50)
 
     def __iter__(self) -> Iterator[Metric]:
-        yield from (self.calls, self.reasons, self.sentiment, self.cost, self.active, self.duration, self.latency)
+        yield from (
+            self.calls,
+            self.reasons,
+            self.sentiment,
+            self.cost,
+            self.active,
+            self.duration,
+            self.latency,
+            self.late,
+        )
 
 
 class _Collector:
@@ -150,6 +166,14 @@ class _Collector:
         for (route, outcome), n in sorted(self.sender.outcomes.items() if self.sender else ()):
             deliveries.add_metric([route, outcome], n)
         yield deliveries
+        state = GaugeMetricFamily(
+            "callstream_state_keys", "Live keys in the worker's state, by partition", labels=["partition", "kind"]
+        )
+        for p in sorted(self.active()):
+            stats = self.processor.stats(p)
+            state.add_metric([str(p), "calls"], stats.calls)
+            state.add_metric([str(p), "windows"], stats.windows)
+        yield state
 
 
 class Pages:
@@ -164,6 +188,8 @@ class Pages:
         readiness: Readiness,
         access: ReadAccess,
         lag: Lag,
+        *,
+        state: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.view = view
         self.feed = feed
@@ -171,6 +197,7 @@ class Pages:
         self.readiness = readiness
         self.access = access
         self.lag = lag
+        self.state_of = state
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = _Collector(processor, view.active, readiness)
         self.collector.sender = sender
@@ -185,6 +212,7 @@ class Pages:
             "/api/local": self.local,
             "/api/alerts": self.alerts,
             "/api/counts": self.counts,
+            "/api/state": self.state,
             "/metrics": self.prometheus,
             "/healthz": self.healthz,
             "/readyz": self.readyz,
@@ -233,6 +261,10 @@ class Pages:
         return Reply(
             _json.encode({"events": snap["overall"]["events"], "agents": agents, "complete": snap["complete"]})
         )
+
+    async def state(self, request: Request) -> Reply:
+        """This worker's partitions' live state (calls, windows, clock) and its alert outbox."""
+        return Reply(_json.encode(self.state_of()))
 
     async def prometheus(self, request: Request) -> Reply:
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from kernel.catalogue import UNKNOWN, Header
 from kernel.lag import GroupLag, Partition
@@ -20,7 +21,10 @@ from streams.alerts import AlertFeed, WebhookSender, encode_alert, failure_rate_
 from streams.errors import StateUnreadable, StreamsError, WorkerStopped
 from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer, set_replication
 from streams.groupview import GroupView
+from streams.lifetime import Lifetime
+from streams.memory import release_free_memory
 from streams.metrics import WINDOW_MS
+from streams.outbox import Outbox, ids_on_topic
 from streams.processor import Alert, EventMessage, Processor
 from streams.readauth import SHORT_TOKEN, ReadAccess, check_bind
 from streams.readiness import Readiness
@@ -59,7 +63,19 @@ class Worker:
         self.sender = WebhookSender(routing(self.rules, settings))
         self.feed = AlertFeed(settings.kafka_bootstrap, self.topics.alerts)
         self.alerts_topic = self.app.topic(self.topics.alerts, value_type=bytes, key_type=bytes)
-        self.processor = Processor(self.store, self.rules, self._publish)
+        self.processor = Processor(
+            self.store,
+            self.rules,
+            _raised,
+            lifetime=Lifetime(int(settings.call_ttl_analyzed_s * 1000), int(settings.call_ttl_idle_s * 1000)),
+            sources=self.topics.sources,
+            horizon=self._horizon,
+        )
+        # Per event topic partition: its end offset, and the latest `received_at` read before it was asked.
+        self._ends: dict[TP, tuple[int, int]] = {}
+        # Held while the state changes and its writes go to the producer: a batch, or a tick of the clocks.
+        self.state_lock = asyncio.Lock()
+        self.outbox = Outbox(self.store, self._publish, self.sender, self._published_since)
         url = str(self.app.conf.canonical_url)
         self.view = GroupView(
             self.processor, settings.topic_partitions, url, self.active_partitions, self._peers, self._is_ready, tokens
@@ -71,7 +87,14 @@ class Worker:
         self.app.gate_start(self._await_topics, self._gate_failed)
         self._connect()
         pages = Pages(
-            self.view, self.feed, self.sender, self.processor, self.readiness, ReadAccess(tokens), self.consumer_lag
+            self.view,
+            self.feed,
+            self.sender,
+            self.processor,
+            self.readiness,
+            ReadAccess(tokens),
+            self.consumer_lag,
+            state=self.state,
         )
         register_pages(self.app, pages)
 
@@ -105,6 +128,8 @@ class Worker:
         app.on_rebalance_complete.connect(self._recovered)  # type: ignore[arg-type]
         app.task(self._start_alerts)
         app.timer(self.rules.failure_rate.check_seconds, on_leader=True)(self._check_failure_rate)
+        app.timer(1.0)(self._tick)
+        app.timer(60.0)(self._release_memory)
 
     # -- the topic gate (runs in a thread, before Faust's producer and consumer start) ------------
 
@@ -144,7 +169,9 @@ class Worker:
     async def _recovered(self, sender: Any, *args: Any, **kwargs: Any) -> None:
         """Faust restored the table: load this worker's books from it before any event is processed."""
         try:
-            self.processor.recover(self.active_partitions())
+            active = self.active_partitions()
+            self.processor.recover(active)
+            await self.outbox.recovered(active)
         except StateUnreadable as exc:
             self.fail(
                 StateUnreadable(
@@ -177,10 +204,60 @@ class Worker:
         wanted = [(t, p) for t in self.topics.sources for p in active]
         return await asyncio.to_thread(self.group_lag.query, wanted)
 
-    def _publish(self, alert: Alert) -> None:
-        log.info("alert %s", alert.text)
-        self.alerts_topic.send_soon(key=alert.id.encode(), value=encode_alert(alert))
-        self.sender.submit(alert)
+    def _horizon(self, topic: str, partition: int, next_offset: int) -> int | None:
+        """Up to which `received_at` the topic's partition holds nothing unread past `next_offset`.
+
+        When it was read to the end offset the broker gave, it holds nothing received before the
+        events the worker had read when it asked: the gateway stamps `received_at` as it produces,
+        so whatever came later is no older. (The end offsets a fetch brings are not enough: Faust
+        pauses the fetching of partitions whose buffers are full, and theirs go stale.)
+        """
+        known = self._ends.get(TP(topic, partition))
+        if known is None or next_offset < known[0]:
+            return None
+        return known[1]
+
+    async def _release_memory(self) -> None:
+        release_free_memory()
+
+    async def _tick(self) -> None:
+        """Every second: ask the broker for the end offsets of this worker's event topic partitions,
+        then move the clocks on and drop what they passed, also where no event came meanwhile."""
+        active = self.active_partitions()
+        if not active or not self.readiness.is_ready:
+            return
+        read = self.processor.newest
+        tps = [TP(t, p) for t in self.topics.sources for p in sorted(active)]
+        try:
+            ends = await self.app.consumer.highwaters(*tps)
+        except Exception as exc:  # a rebalance, Kafka away: the clocks wait for the next answer
+            log.debug("end offsets of the event topics not read: %s", exc)
+            return
+        self._ends = {TP(tp.topic, tp.partition): (int(end), read) for tp, end in ends.items() if end is not None}
+        async with self.state_lock:
+            if self.readiness.is_ready and self.processor.tick(self.active_partitions()):
+                await self.store.flush()
+
+    async def _publish(self, alert: Alert) -> None:
+        """Put an alert on `<prefix>.alerts` and wait until the broker has it."""
+        send = self.app.producer.send
+        await (await send(self.topics.alerts, alert.id.encode(), encode_alert(alert), None, None, None))
+
+    def _published_since(self, since_ms: int) -> set[str]:
+        return ids_on_topic(self.settings.kafka_bootstrap, self.topics.alerts, since_ms)
+
+    def state(self) -> dict[str, Any]:
+        """What `/api/state` shows: this worker's partitions' live state and its outbox."""
+        parts = {p: self.processor.stats(p)._asdict() for p in sorted(self.active_partitions())}
+        return {
+            "ready": self.readiness.is_ready,
+            "partitions": parts,
+            "calls": sum(s["calls"] for s in parts.values()),
+            "windows": sum(s["windows"] for s in parts.values()),
+            "expired": sum(s["expired"] for s in parts.values()),
+            "outbox": self.outbox.stats(),
+            "lifetime_s": {"analyzed": self.settings.call_ttl_analyzed_s, "idle": self.settings.call_ttl_idle_s},
+        }
 
     async def _start_alerts(self) -> None:
         # A batch sends one changelog write per call it touched; Faust's default (100 pending
@@ -191,7 +268,9 @@ class Worker:
 
     async def _check_failure_rate(self) -> None:
         rule = self.rules.failure_rate
-        if not rule.enabled or not self.readiness.is_ready:
+        # Until the feed has read the alerts raised before (by this worker's predecessor too), the
+        # throttle does not know them.
+        if not rule.enabled or not self.readiness.is_ready or not self.feed.loaded.is_set():
             return
         # Throttling survives a restart or a new leader: the feed holds the alerts raised before.
         last = self._last_rate_alert
@@ -234,7 +313,8 @@ def _new_app(cfg: WorkerSettings) -> App:
         # Every batch writes its calls' states to the changelog: let the producer batch them.
         producer_linger_ms=10,
         producer_max_batch_size=1_048_576,
-        producer_max_request_size=4_194_304,
+        # The changelog takes records up to 16 MiB (streams/topics.py): a commit record of a large batch.
+        producer_max_request_size=16 * 1_048_576,
         # Event bodies run to 30 KB: aiokafka's default 1 MB per partition and fetch would hand
         # the stream a few dozen call_analyzed at a time.
         consumer_max_fetch_size=8 * 1_048_576,
@@ -251,8 +331,11 @@ def _add_agent(worker: Worker) -> Any:
 
     async def process(stream: Any) -> None:
         async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
-            worker.processor.process([_event_message(event.message) for event in events])
-            await worker.store.flush()
+            async with worker.state_lock:
+                raised = worker.processor.process_by_partition([_event_message(e.message) for e in events])
+                written = await worker.store.flush()
+            for partition, alerts in raised.items():
+                worker.outbox.committed(partition, alerts, written.get(partition))
 
     return app.agent(source)(process)
 
@@ -272,4 +355,8 @@ def _event_message(message: Any) -> EventMessage:
         ts = message.timestamp
         at = int(ts * 1000) if ts else int(time.time() * 1000)
     key = message.key if isinstance(message.key, bytes) else str(message.key or "").encode()
-    return EventMessage(message.partition, name, key, message.value or b"", at)
+    return EventMessage(message.partition, name, key, message.value or b"", at, message.topic, message.offset)
+
+
+def _raised(alert: Alert) -> None:
+    log.info("alert %s", alert.text)

@@ -31,9 +31,10 @@ def test_agent_counts_a_call_once_and_writes_to_its_partition(worker: Worker, mo
     store, processor, agent = worker.store, worker.processor, worker.agent
     written: list[tuple[int, bytes, bytes | None]] = []
 
-    async def record() -> None:
+    async def record() -> dict[int, asyncio.Future[None]]:
         written.extend(store.pending)
         store.pending = []
+        return {}
 
     monkeypatch.setattr(store, "flush", record)
     evs = CallFactory(Fleet(seed=4, agents=1), seed=4, turns=(2, 4)).events("completed")

@@ -23,6 +23,8 @@ from callstream.simulate import SimulationPlan, SimulationResult
 from callstream.simulate import run as simulate
 from kernel.signature import sign
 from streams.metrics import exact_quantile
+from tests.support.alerts import call_alerts, expected_call_alerts, received_alert_ids, topic_alert_ids
+from tests.support.receiver import Receiver
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -55,6 +57,12 @@ def hook() -> Iterator[Hook]:
     h = Hook()
     yield h
     h.srv.shutdown()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as r:
+        yield r
 
 
 @pytest.fixture
@@ -224,20 +232,71 @@ def _simulate(gateway: Process, key: str, calls: int, seed: int, rate: float = 1
     )
 
 
+def _wait(what: str, ok: Callable[[], bool], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _delivered(workers: list[Process]) -> int:
+    """Per-call alerts the workers delivered and deleted from their outboxes."""
+    return sum(httpx.get(f"{w.url}/api/state", timeout=5).json()["outbox"]["delivered"] for w in workers)
+
+
+def _kill_with_alerts_in_flight(worker: Process, others: list[Process], hook: Receiver) -> None:
+    """SIGKILL `worker` while its outbox holds alerts that it may have posted but got no answer for:
+    the receiver holds every POST from now on, and answers them 503 once the worker is dead. Every
+    alert the receiver did answer is settled first (its outbox entry deleted): the moment between a
+    webhook's answer and that deletion is the one a crash can repost an alert from (see streams/outbox.py)."""
+    _wait("a per-call alert at the receiver", lambda: bool(call_alerts(received_alert_ids(hook.received()))))
+    hook.hold()
+    n = len(call_alerts(received_alert_ids(hook.received())))
+    _wait(f"{n} alerts settled", lambda: _delivered([worker, *others]) == n)
+    _wait("an alert posted and not answered", lambda: hook.held > 0)
+    worker.stop(signal.SIGKILL)
+    hook.release()
+
+
+def _assert_each_alert_once(bootstrap: str, prefix: str, hook: Receiver) -> None:
+    """Every per-call alert the events raise is on the alerts topic and at the webhook, and no alert
+    (per-call or failure-rate) is on either twice."""
+    want = expected_call_alerts(bootstrap, prefix)
+    assert want, "the traffic raised no per-call alert"
+
+    def arrived() -> bool:
+        on_topic = call_alerts(topic_alert_ids(bootstrap, prefix))
+        return set(on_topic) >= want and set(call_alerts(received_alert_ids(hook.received()))) >= want
+
+    _wait(f"{len(want)} per-call alerts on the topic and at the webhook", arrived)
+    on_topic, received = topic_alert_ids(bootstrap, prefix), received_alert_ids(hook.received())
+    assert set(call_alerts(on_topic)) == set(call_alerts(received)) == want
+    assert [k for k, n in on_topic.items() if n > 1] == []
+    assert [k for k, n in received.items() if n > 1] == []
+    assert all(h.get("Idempotency-Key") for h in hook.headers)
+
+
 def test_sigkill_mid_stream_then_restart_counts_each_call_once(
-    topics: str, api_key: str, gateway_service: Process, start_worker: Callable[..., Process]
+    topics: str,
+    api_key: str,
+    kafka_bootstrap: str,
+    gateway_service: Process,
+    start_worker: Callable[..., Process],
+    receiver: Receiver,
 ) -> None:
-    w1 = start_worker()
+    hook = receiver
+    env = {"CALLSTREAM_ALERT_WEBHOOK_URL": hook.url}
+    w1 = start_worker(env)
     wait_metrics(w1, lambda m: m["complete"])
     results = []
     t = threading.Thread(target=lambda: results.append(_simulate(gateway_service, api_key, 160, seed=5)))
     t.start()
     wait_metrics(w1, lambda m: m["overall"]["calls"] >= 30)
-    w1.stop(signal.SIGKILL)
+    _kill_with_alerts_in_flight(w1, [], hook)
     t.join()
     res = results[0]
     assert res.failed == 0
-    w2 = start_worker(name="worker-restarted")
+    w2 = start_worker(env, name="worker-restarted")
     m = wait_metrics(
         w2,
         lambda m: (
@@ -250,13 +309,21 @@ def test_sigkill_mid_stream_then_restart_counts_each_call_once(
     assert _seen(m) == _distinct(res)
     assert m["overall"]["calls_ended"] == len(res.calls)
     assert m["overall"]["chats_started"] == len(res.chats)
+    _assert_each_alert_once(kafka_bootstrap, topics, hook)
 
 
 def test_two_workers_share_partitions_and_one_carries_on(
-    topics: str, api_key: str, gateway_service: Process, start_worker: Callable[..., Process]
+    topics: str,
+    api_key: str,
+    kafka_bootstrap: str,
+    gateway_service: Process,
+    start_worker: Callable[..., Process],
+    receiver: Receiver,
 ) -> None:
-    a = start_worker(name="worker-a")
-    b = start_worker(name="worker-b")
+    hook = receiver
+    env = {"CALLSTREAM_ALERT_WEBHOOK_URL": hook.url}
+    a = start_worker(env, name="worker-a")
+    b = start_worker(env, name="worker-b")
     both = wait_metrics(a, lambda m: m["complete"] and len(m["workers"]) == 2, timeout=180)
     assert len(both["partitions"]) == 3
     local_a = httpx.get(f"{a.url}/api/local", timeout=5).json()["books"]
@@ -274,10 +341,15 @@ def test_two_workers_share_partitions_and_one_carries_on(
             and m["overall"]["calls_analyzed"] == m["overall"]["calls_ended"] == len(first.calls)
         ),
     )
-    b.stop(signal.SIGKILL)
-    # About 18 s of traffic: it keeps arriving while the group notices b is gone (the session
-    # timeout is 10 s) and a takes over b's partitions, so a rebalances with batches in hand.
-    second = _simulate(gateway_service, api_key, 60, seed=9, rate=20)
+    # About 18 s of traffic: b dies with alerts in flight, traffic keeps arriving while the group
+    # notices b is gone (the session timeout is 10 s) and a takes over b's partitions, so a
+    # rebalances with batches in hand.
+    results = []
+    t = threading.Thread(target=lambda: results.append(_simulate(gateway_service, api_key, 60, seed=9, rate=20)))
+    t.start()
+    _kill_with_alerts_in_flight(b, [a], hook)
+    t.join()
+    second = results[0]
     total = _distinct(first) + _distinct(second)
     analyzed = len(first.calls) + len(second.calls)
     m = wait_metrics(
@@ -291,3 +363,4 @@ def test_two_workers_share_partitions_and_one_carries_on(
         timeout=180,
     )
     assert m["partitions"] == [0, 1, 2]
+    _assert_each_alert_once(kafka_bootstrap, topics, hook)

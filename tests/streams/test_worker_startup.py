@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
 
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.localkafka import free_port
@@ -23,6 +23,7 @@ from kernel.catalogue import all_topics
 from kernel.signature import sign
 from kernel.topics import partition_counts
 from streams.settings import WorkerSettings
+from streams.topics import CHANGELOG_CONFIG
 from streams.worker import Worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -178,3 +179,21 @@ def test_a_state_it_cannot_recover_stops_it_with_one_line(
     assert "Traceback" not in out
     last = out.strip().splitlines()[-1]
     assert says in last and changelog in last
+
+
+def test_an_older_versions_changelog_gets_the_compaction_settings(
+    kafka_bootstrap: str, topics: str, start_worker: StartWorker
+) -> None:
+    """A changelog made before the state had a lifetime (broker-default segments) gets the settings
+    that let the log cleaner keep it to live state; a value an operator set on it stays, except a
+    cleanup policy that would delete state."""
+    changelog = changelog_of(topics)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    made = admin.create_topics([NewTopic(changelog, 3, 1, config={"cleanup.policy": "delete", "segment.ms": "120000"})])
+    next(iter(made.values())).result(timeout=30)
+    worker = start_worker()
+    worker.wait_http("/readyz", timeout=90, ok=ready)
+    described = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, changelog)])
+    have = {k: v.value for k, v in next(iter(described.values())).result(timeout=15).items()}
+    assert {k: have[k] for k in CHANGELOG_CONFIG} == {**CHANGELOG_CONFIG, "segment.ms": "120000"}
+    assert f"the state changelog {changelog} now has cleanup.policy=compact, segment.bytes=" in worker.output()

@@ -11,7 +11,11 @@ import orjson
 
 class Receiver:
     """`with Receiver() as r:` serves on a free loopback port (or a free port of `host`); `r.bodies`
-    holds what arrived.
+    holds what arrived, `headers` each recorded POST's headers.
+
+    `hold()` makes it keep the POSTs that arrive from then on unanswered and unrecorded, as an
+    endpoint that hangs does, until `release()` answers them 503 (still unrecorded): what a sender
+    killed meanwhile left undelivered.
 
     It answers `status` (PagerDuty's Events API answers 202), and 503 to the first `fail_first`
     POSTs (those bodies are not kept; `attempts` counts every POST).
@@ -21,7 +25,11 @@ class Receiver:
         self.bodies: list[Any] = []
         self.attempts = 0
         self.cut_short = 0  # POSTs whose body never arrived whole
+        self.headers: list[dict[str, str]] = []
+        self.held = 0  # POSTs that arrived while holding
         self._lock = threading.Lock()
+        self._open = threading.Event()
+        self._open.set()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,19 +41,28 @@ class Receiver:
                         owner.cut_short += 1
                     self.close_connection = True
                     return
+                held = not owner._open.is_set()
                 with owner._lock:
                     owner.attempts += 1
-                    failing = owner.attempts <= fail_first
+                    owner.held += held
+                    failing = held or owner.attempts <= fail_first
                     if not failing:
                         owner.bodies.append(orjson.loads(body))
-                self.send_response(503 if failing else status)
-                self.send_header("content-length", "0")
-                self.end_headers()
+                        owner.headers.append(dict(self.headers.items()))
+                if held:
+                    owner._open.wait()
+                try:
+                    self.send_response(503 if failing else status)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                except OSError:  # the sender is gone
+                    pass
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
         self.url = f"http://{host}:{self.server.server_address[1]}/hook"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -53,10 +70,17 @@ class Receiver:
         with self._lock:
             return list(self.bodies)
 
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
     def __enter__(self) -> Receiver:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._open.set()
         self.server.shutdown()
         self.server.server_close()
