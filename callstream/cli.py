@@ -239,7 +239,14 @@ def _register_lake() -> None:
     register(main)
 
 
+def _register_warehouse() -> None:
+    from callstream.cli_warehouse import register
+
+    register(main)
+
+
 _register_lake()
+_register_warehouse()
 
 
 def _first_key() -> str | None:

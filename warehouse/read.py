@@ -12,6 +12,8 @@ The connection is an in-memory DuckDB with one view per table (`calls`, `call_ut
 `call_tool_calls`, `chats`, `chat_messages`) and the reporting views. It keeps seeing the snapshot
 it opened on, so a notebook's cells agree with each other; `refresh(con)` moves it to the newest one.
 A snapshot stays readable for `CALLSTREAM_SNAPSHOT_RETENTION_SECONDS` (600) after a newer one exists.
+Parts are sorted by the table's key, so `WHERE call_id = ?` reads one small row group per file, and
+`WHERE day ...` opens only the files of those days.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import duckdb
 
 from warehouse.db import run
 from warehouse.errors import WarehouseError
-from warehouse.parquet import current_snapshot, snapshot_files
+from warehouse.parquet_folder import current_snapshot, snapshot_files
 from warehouse.schema import TABLES
 from warehouse.views import create_views
 
@@ -79,5 +81,8 @@ def connect(path: str | os.PathLike[str] | None = None) -> duckdb.DuckDBPyConnec
     """An in-memory DuckDB connection with views over the newest Parquet snapshot."""
     con = duckdb.connect(":memory:")
     run(con, "SET TimeZone = 'UTC'")
+    # A snapshot's files never change (a change writes new ones), so their footers can be kept: a
+    # lookup of one call then reads only the row groups whose key range holds it.
+    run(con, "SET parquet_metadata_cache = true")
     refresh(con, path)
     return con

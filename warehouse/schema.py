@@ -8,6 +8,7 @@ the same day partition of every table.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -28,12 +29,15 @@ class Column:
 class Table:
     name: str
     columns: tuple[Column, ...]
-    # The primary key: enforced by DuckDB for parents; for children, the sink's replace-with-the-
-    # parent rule keeps it unique (an index on millions of utterances would cost memory for nothing).
+    # The primary key, kept unique by the sink's replace check (warehouse.load), not by DuckDB: an
+    # index (ART) lives in memory whole once used, and would grow with every call ever loaded.
     key: tuple[str, ...]
     # Child tables are replaced together with their parent, matched on `parent_key`.
     parent_key: str
-    enforce_key: bool = True
+
+    @property
+    def is_parent(self) -> bool:
+        return self.key == (self.parent_key,)
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -43,10 +47,14 @@ class Table:
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    @property
+    def hidden(self) -> tuple[Column, ...]:
+        """The columns only DuckDB has (never in Parquet, Arrow or the read views)."""
+        return (LOAD_SEQ, KEY_HASH) if self.is_parent else (LOAD_SEQ,)
+
     def ddl(self) -> str:
-        cols = ",\n  ".join(f"{c.name} {c.sql}" for c in (*self.columns, LOAD_SEQ))
-        pk = f",\n  PRIMARY KEY ({', '.join(self.key)})" if self.enforce_key else ""
-        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}{pk}\n)"
+        cols = ",\n  ".join(f"{c.name} {c.sql}" for c in (*self.columns, *self.hidden))
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}\n)"
 
     def empty_select(self) -> str:
         """A typed, empty SELECT with this table's columns (a view before any data exists)."""
@@ -73,6 +81,22 @@ def _c(name: str, sql: str) -> Column:
 # The batch that loaded a row (DuckDB only, not in Parquet): a publish writes the rows loaded since
 # the last one into a new Parquet part, and finds the part that holds a replaced row.
 LOAD_SEQ = Column("_load_seq", "BIGINT NOT NULL", pa.int64())
+
+# A parent row's key hashed (`key_hash`): the replace check scans these 8 bytes a row to find the
+# stored versions of a batch's keys, then compares the keys themselves (warehouse.load).
+KEY_HASH = Column("_key_hash", "UBIGINT NOT NULL", pa.uint64())
+
+
+def key_hash(expr: str) -> str:
+    """SQL for the key hash of a VARCHAR expression: the first 8 bytes of its MD5 as a little-endian
+    integer (`python_key_hash`). MD5, not DuckDB's hash(), whose values may change between releases."""
+    return f"CAST(md5_number({expr}) & 18446744073709551615 AS UBIGINT)"
+
+
+def python_key_hash(key: str) -> int:
+    """`key_hash` computed outside DuckDB: the sink checks at start that both agree."""
+    return int.from_bytes(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:8], "little")
+
 
 # Common tail of every table: where the row came from, so any row can be traced to its message.
 _SOURCE = (
@@ -142,7 +166,6 @@ CALL_UTTERANCES = Table(
     ),
     key=("call_id", "turn"),
     parent_key="call_id",
-    enforce_key=False,
 )
 
 CALL_TOOL_CALLS = Table(
@@ -159,7 +182,6 @@ CALL_TOOL_CALLS = Table(
     ),
     key=("call_id", "tool_call_id"),
     parent_key="call_id",
-    enforce_key=False,
 )
 
 CHATS = Table(
@@ -208,7 +230,6 @@ CHAT_MESSAGES = Table(
     ),
     key=("chat_id", "turn"),
     parent_key="chat_id",
-    enforce_key=False,
 )
 
 
@@ -254,6 +275,10 @@ CREATE TABLE IF NOT EXISTS _callstream_dirty (
 """
 
 
-def last_load_seq(con: duckdb.DuckDBPyConnection, tables: Iterable[Table]) -> int:
-    """The highest `_load_seq` in the given tables (0 when empty)."""
-    return max(int(scalar(con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in tables)
+def last_load_seq(con: duckdb.DuckDBPyConnection, tables: Iterable[Table], above: int = 0) -> int:
+    """The highest `_load_seq` in the given tables above `above` (`above` when none is): loads are
+    appended in sequence, so zone maps skip every older row group."""
+    return max(
+        int(scalar(con, f"SELECT coalesce(max(_load_seq), ?) FROM {t.name} WHERE _load_seq > ?", [above, above]))
+        for t in tables
+    )

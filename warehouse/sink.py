@@ -42,6 +42,9 @@ from warehouse.status import write_status
 
 log = logging.getLogger(__name__)
 _SAY_EVERY_S = 5.0
+# How often the writer checkpoints DuckDB and trims the load ledger to the loads since (its start-up
+# check then covers at most this long of loads; DuckDB checkpoints by itself more often under load).
+_CHECKPOINT_EVERY_S = 30.0
 
 
 @dataclass
@@ -101,6 +104,8 @@ class Sink:
         )
         self._cleaned_seq = 0
         self._status_at = 0.0
+        self._checkpoint_at = time.monotonic()
+        self._rows: dict[str, int] | None = None  # rows per table, kept up to date by each load
         self.publisher = self._publisher()
         group = f"{settings.group_id}-{settings.topic_prefix}"
         self.consumer = consumer or Consumer(
@@ -238,7 +243,13 @@ class Sink:
         self._seq += 1
         done = self.publisher.done_seq
         published = done if done > self._cleaned_seq else 0
-        rows = sum(write_batch(self.con, self.families, batch, self._seq, published=published).values())
+        written = write_batch(self.con, self.families, batch, self._seq, published=published)
+        rows = sum(written.inserted.values())
+        if self._rows is not None:
+            for name, n in written.inserted.items():
+                self._rows[name] += n
+            for name, n in written.deleted.items():
+                self._rows[name] -= n
         self._cleaned_seq = max(self._cleaned_seq, done)
         if batch.tables:
             self.publisher.poke()
@@ -260,11 +271,13 @@ class Sink:
                     if self._writer_stop.is_set():
                         return
                     self._cleanup_dirty()
+                    self._trim_ledger()
                     self._write_status()
                     continue
                 if batch is None:
                     return
                 self._write(batch)
+                self._trim_ledger()
         except BaseException as exc:  # the consuming thread checks `_writer_error` and stops with it
             log.exception("writing a batch failed")
             self._writer_error = exc
@@ -287,12 +300,23 @@ class Sink:
             run(self.con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
             self._cleaned_seq = done
 
+    def _trim_ledger(self) -> None:
+        """Every _CHECKPOINT_EVERY_S: CHECKPOINT, and forget the ledger's loads the database file now
+        holds, so the ledger stays a few hundred rows however long the sink runs."""
+        if time.monotonic() - self._checkpoint_at < _CHECKPOINT_EVERY_S:
+            return
+        self._checkpoint_at = time.monotonic()
+        if not ledger.forget_checkpointed(self.con, self._seq):
+            log.debug("DuckDB's WAL was not empty after a CHECKPOINT; the load ledger is trimmed next time")
+
     def _write_status(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._status_at < 1.0:
             return
         self._status_at = time.monotonic()
         self.stats.dead_letters = self.dead_letters.count
-        write_status(self.con, self.cfg.warehouse, self.cfg.parquet_dir, self.stats.records, self.stats.dead_letters)
+        if self._rows is None:  # once; then each load adds what it inserted and takes off what it replaced
+            self._rows = {t.name: int(scalar(self.con, f"SELECT count(*) FROM {t.name}")) for t in TABLES}
+        write_status(self.cfg.warehouse, self.cfg.parquet_dir, self._rows, self.stats.records, self.stats.dead_letters)
 
     # -- the consuming thread ----------------------------------------------------------------------
 

@@ -45,9 +45,9 @@ def test_a_batch_is_stored_whole_and_a_repeat_replaces_it(warehouse_db, family_b
     tables = family_batch(family, 8)
     for seq in (1, 2):  # the second load of the same keys replaces the first
         run(warehouse_db, "BEGIN TRANSACTION")
-        assert replace_rows(warehouse_db, family, tables, seq) == {
-            n: t.num_rows for n, t in tables.items() if t.num_rows
-        }
+        written = replace_rows(warehouse_db, family, tables, seq)
+        assert written.inserted == {n: t.num_rows for n, t in tables.items() if t.num_rows}
+        assert written.deleted == ({} if seq == 1 else written.inserted)
         run(warehouse_db, "COMMIT")
     for t in family.tables:
         assert _count(warehouse_db, t.name) == tables[t.name].num_rows
