@@ -15,10 +15,10 @@ reading, so it is loaded again from Kafka; repeated deliveries replace rows, so 
 
 Only loads since the last CHECKPOINT need this: a checkpoint writes the tables, as the sink's
 checks before and after each COMMIT saw them, into the database file, and the WAL no longer
-matters for them. So at start, once the tables agree with the ledger, and every half minute while
-the sink runs, it checkpoints and the ledger forgets the loads up to then (it keeps the highest load
-number, so load numbers never repeat). The ledger stays a few hundred rows however long the sink
-runs, and the start-up check reads only the loads of the last half minute or so.
+matters for them. So at start, once the tables agree with the ledger, and every
+`checkpoint_seconds` (30) while the sink runs, it checkpoints and the ledger forgets the loads up to
+then (it keeps the highest load number, so load numbers never repeat). The ledger stays a few
+hundred rows however long the sink runs, and the start-up check reads only the loads since.
 """
 
 from __future__ import annotations
@@ -184,8 +184,12 @@ def _mark_dirty(con: duckdb.DuckDBPyConnection, family: Family, in_seqs: str) ->
 def forget_checkpointed(con: duckdb.DuckDBPyConnection, last: int) -> bool:
     """CHECKPOINT, then drop the ledger's loads up to `last`: the database file holds them now, and no
     WAL replay can shorten them. The base keeps `last`, so load numbers never repeat. Returns False,
-    forgetting nothing, when the WAL is not empty after the CHECKPOINT (DuckDB could not complete it)."""
-    run(con, "CHECKPOINT")
+    forgetting nothing, when DuckDB refuses the CHECKPOINT (another transaction writes) or the WAL is
+    not empty after it."""
+    try:
+        run(con, "CHECKPOINT")
+    except duckdb.TransactionException:
+        return False
     if _wal_bytes(con):
         return False
     with transaction(con):

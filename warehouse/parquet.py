@@ -26,6 +26,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -97,6 +98,18 @@ class ParquetPublisher:
 
     def published_seq(self) -> int:
         return self.folder.published_seq()
+
+    @contextlib.contextmanager
+    def between_rounds(self) -> Iterator[bool]:
+        """Keep the publisher from starting a round while the block runs; yields False, without
+        waiting, when a round is under way (its read transaction would make a CHECKPOINT fail)."""
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._lock.release()
 
     # -- the thread ----------------------------------------------------------------------------
 

@@ -101,6 +101,11 @@ def parts_of(folder: Path) -> list[Part]:
     return sorted(out)
 
 
+def current_generation(root: Path) -> str | None:
+    """The newest snapshot's generation (None before the first publish), without reading it."""
+    return _read_current(root)
+
+
 def _read_current(root: Path) -> str | None:
     try:
         return (root / SNAPSHOTS / CURRENT).read_text().strip() or None

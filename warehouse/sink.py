@@ -42,9 +42,6 @@ from warehouse.status import write_status
 
 log = logging.getLogger(__name__)
 _SAY_EVERY_S = 5.0
-# How often the writer checkpoints DuckDB and trims the load ledger to the loads since (its start-up
-# check then covers at most this long of loads; DuckDB checkpoints by itself more often under load).
-_CHECKPOINT_EVERY_S = 30.0
 
 
 @dataclass
@@ -301,13 +298,25 @@ class Sink:
             self._cleaned_seq = done
 
     def _trim_ledger(self) -> None:
-        """Every _CHECKPOINT_EVERY_S: CHECKPOINT, and forget the ledger's loads the database file now
-        holds, so the ledger stays a few hundred rows however long the sink runs."""
-        if time.monotonic() - self._checkpoint_at < _CHECKPOINT_EVERY_S:
+        """Every `checkpoint_seconds`: check the loads since the last time against the ledger,
+        CHECKPOINT, and forget them, so the ledger stays small however long the sink runs and the
+        start-up check reads only the loads since (DuckDB also checkpoints by itself)."""
+        if time.monotonic() - self._checkpoint_at < self.cfg.checkpoint_seconds:
             return
-        self._checkpoint_at = time.monotonic()
-        if not ledger.forget_checkpointed(self.con, self._seq):
-            log.debug("DuckDB's WAL was not empty after a CHECKPOINT; the load ledger is trimmed next time")
+        with self.publisher.between_rounds() as free:
+            if not free:
+                return  # tried again after the next batch
+            # As at start: forget loads only once the tables agree with the ledger. A load found
+            # short stops the sink, and the next start reloads it from Kafka.
+            short = ledger.check(self.con)
+            if short:
+                raise WarehouseError(
+                    f"{'; '.join(map(str, short))}; stopping, the next start reloads these loads from Kafka"
+                )
+            if ledger.forget_checkpointed(self.con, self._seq):
+                self._checkpoint_at = time.monotonic()
+            else:
+                log.debug("the CHECKPOINT did not complete; the load ledger is trimmed after the next batch")
 
     def _write_status(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._status_at < 1.0:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from warehouse.parquet import current_snapshot
+from warehouse.parquet_folder import current_generation
 
 
 def status_path(warehouse: str) -> Path:
@@ -18,14 +18,13 @@ def status_path(warehouse: str) -> Path:
 
 def write_status(warehouse: str, parquet_dir: str, counts: dict[str, int], records: int, dead_letters: int) -> None:
     """Write the status file: `counts` are the rows per table (the sink keeps them up to date per load)."""
-    snap = current_snapshot(Path(parquet_dir))
     status = {
         "warehouse": str(Path(warehouse).resolve()),
         "tables": dict(counts),
         "records": records,
         "dead_letters": dead_letters,
         "parquet_dir": str(Path(parquet_dir).resolve()),
-        "parquet_snapshot": snap.name if snap else None,
+        "parquet_snapshot": current_generation(Path(parquet_dir)),
         "updated_at": datetime.now(UTC).isoformat(),
     }
     path = status_path(warehouse)
