@@ -123,7 +123,7 @@ def prefill(path: Path, parquet: Path, n: int, utterances: int, say: Callable[[s
 
 
 def _publish_once(con: duckdb.DuckDBPyConnection, parquet: Path, last: int) -> None:
-    """One part per table and day, sorted by key, as one snapshot."""
+    """One part per table and day, sorted by key, and the call_days index, as one snapshot."""
     folder = ParquetFolder(parquet)
     writes: Writes = {}
     with folder.locked():
@@ -141,6 +141,15 @@ def _publish_once(con: duckdb.DuckDBPyConnection, parquet: Path, last: int) -> N
                 )
                 if rows:
                     writes[(t.name, day.isoformat(), part)] = (tmp, int(rows))
+        if days:
+            part = Part(0, last)
+            tmp = folder.staging("call_days", "", part)
+            rows = scalar(
+                con,
+                f"COPY (SELECT call_id, day FROM calls ORDER BY call_id) TO '{tmp}' "
+                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
+            )
+            writes[("call_days", "", part)] = (tmp, int(rows))
         folder.commit(writes, published=last)
 
 
@@ -149,7 +158,7 @@ def replace_checks(path: Path, reps: int = 5) -> tuple[float, float]:
     con = duckdb.connect(str(path), config={"memory_limit": MEMORY_LIMIT, "threads": 2})
     best_new = best_old = float("inf")
     for _ in range(reps):
-        keys = pa.table({"call_id": [f"call_new_{uuid.uuid4().hex}" for _ in range(2000)]})
+        keys = pa.table({"call_id": [f"call_{uuid.uuid4().hex}" for _ in range(2000)]})
         con.register("_batch_keys", keys)
         t0 = time.perf_counter()
         assert stored_versions(con, CALL_FAMILY) == []
@@ -169,12 +178,16 @@ def reads(parquet: Path, path: Path) -> dict[str, float]:
         newest = con.execute("SELECT max(day) FROM calls").fetchone()[0]  # type: ignore[index]
     since = newest - timedelta(days=29)
     queries = {
-        "daily_agent_stats, 30 days": (f"SELECT * FROM daily_agent_stats WHERE day >= DATE '{since}'", []),
-        "one call's utterances by call_id": (
+        "`daily_agent_stats` over 30 days": (f"SELECT * FROM daily_agent_stats WHERE day >= DATE '{since}'", []),
+        "one call's utterances: `call_utterances_of(id)`": (
+            "SELECT * FROM call_utterances_of(?) ORDER BY turn",
+            [call_id],
+        ),
+        "one call: `calls_of(id)`": ("SELECT * FROM calls_of(?)", [call_id]),
+        "one call's utterances: `WHERE call_id = ?`": (
             "SELECT * FROM call_utterances WHERE call_id = ? ORDER BY turn",
             [call_id],
         ),
-        "one call by call_id": ("SELECT * FROM calls WHERE call_id = ?", [call_id]),
     }
     out: dict[str, float] = {}
     for name, (sql, params) in queries.items():
@@ -198,7 +211,7 @@ def art_memory(path: Path) -> str:
     run(con, "CHECKPOINT")
     con.close()
     n_keys = 2000
-    keys = [f"call_new_{uuid.uuid4().hex}" for _ in range(n_keys)]
+    keys = [f"call_{uuid.uuid4().hex}" for _ in range(n_keys)]
     con = duckdb.connect(str(probe), config={"memory_limit": MEMORY_LIMIT})
     try:
         run(con, "INSERT INTO k SELECT * FROM (SELECT unnest(?)) ", [keys])
@@ -208,7 +221,7 @@ def art_memory(path: Path) -> str:
     con.close()
     con = duckdb.connect(str(probe), config={"memory_limit": "8GB"})
     for _ in range(20):
-        batch = [f"call_new_{uuid.uuid4().hex}" for _ in range(n_keys)]
+        batch = [f"call_{uuid.uuid4().hex}" for _ in range(n_keys)]
         run(con, "INSERT INTO k SELECT * FROM (SELECT unnest(?))", [batch])
     art_mb = scalar(con, "SELECT memory_usage_bytes / 1e6 FROM duckdb_memory() WHERE tag = 'ART_INDEX'")
     con.close()

@@ -29,7 +29,7 @@ import duckdb
 
 from warehouse.db import scalar
 from warehouse.parquet_folder import Key, ParquetFolder, Part, Stored, Writes
-from warehouse.schema import TABLES_BY_NAME
+from warehouse.schema import KEY_DAYS_BY_NAME, TABLES_BY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,12 @@ def merge(folder: ParquetFolder, key: Key, parts: list[Part], compression: str, 
     merged = Part(parts[0].lo, parts[-1].hi)
     tmp = folder.staging(table, day, merged)
     files = ", ".join(_quote(folder.store(table, day) / folder.parts[key][p].name) for p in parts)
-    t = TABLES_BY_NAME[table]
+    order = TABLES_BY_NAME[table].key if table in TABLES_BY_NAME else (KEY_DAYS_BY_NAME[table].key,)
     rows = int(
         scalar(
             con,
             f"COPY (SELECT * FROM read_parquet([{files}], hive_partitioning = false, union_by_name = true) "
-            f"ORDER BY {', '.join(t.key)}) "
+            f"ORDER BY {', '.join(order)}) "
             f"TO {_quote(tmp)} (FORMAT parquet, COMPRESSION {compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
         )
         or 0

@@ -46,7 +46,7 @@ from warehouse.parquet_folder import (
     parts_of,
     snapshot_files,
 )
-from warehouse.schema import FAMILIES, TABLES, TABLES_BY_NAME, Table, last_load_seq
+from warehouse.schema import FAMILIES, KEY_DAYS, KEY_DAYS_BY_NAME, TABLES, TABLES_BY_NAME, last_load_seq
 
 __all__ = ["ParquetPublisher", "Part", "Snapshot", "current_snapshot", "parts_of", "snapshot_files"]
 
@@ -153,14 +153,24 @@ class ParquetPublisher:
 
     # -- one round -----------------------------------------------------------------------------
 
-    def _copy(self, cur: duckdb.DuckDBPyConnection, table: Table, day: date, part: Part, tmp: Path) -> int:
-        cols = ", ".join(c for c in table.column_names if c != "day")
+    def _copy(self, cur: duckdb.DuckDBPyConnection, name: str, day: date | None, part: Part, tmp: Path) -> int:
+        """Write the rows of a part (of a key-days index when `day` is None) to `tmp`, sorted by key."""
+        loads = f"_load_seq > {part.lo} AND _load_seq <= {part.hi}"
+        if day is None:
+            index = KEY_DAYS_BY_NAME[name]
+            query = f"SELECT {index.key}, day FROM {index.parent.name} WHERE {loads} ORDER BY {index.key}"
+        else:
+            table = TABLES_BY_NAME[name]
+            cols = ", ".join(c for c in table.column_names if c != "day")
+            query = (
+                f"SELECT {cols} FROM {name} WHERE day = DATE '{day.isoformat()}' AND {loads} "
+                f"ORDER BY {', '.join(table.key)}"
+            )
         return int(
             scalar(
                 cur,
-                f"COPY (SELECT {cols} FROM {table.name} WHERE day = DATE '{day.isoformat()}' "
-                f"AND _load_seq > {part.lo} AND _load_seq <= {part.hi} ORDER BY {', '.join(table.key)}) "
-                f"TO '{tmp}' (FORMAT parquet, COMPRESSION {self.compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
+                f"COPY ({query}) TO '{tmp}' "
+                f"(FORMAT parquet, COMPRESSION {self.compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
             )
             or 0
         )
@@ -214,13 +224,18 @@ class ParquetPublisher:
 
     def _touched(
         self, cur: duckdb.DuckDBPyConnection, new: Part, dirty: list[tuple[Any, ...]]
-    ) -> dict[tuple[str, date], set[Part]]:
-        """(table, day) -> the parts to write: the new loads' part, and the parts that held replaced rows."""
-        touched: dict[tuple[str, date], set[Part]] = {}
+    ) -> dict[tuple[str, date | None], set[Part]]:
+        """(table, day) -> the parts to write: the new loads' part, and the parts that held replaced rows.
+        A key-days index (day None) gets the new loads' part only: an entry of a replaced row is
+        left, and costs a reader of that key one more day's files to look in."""
+        touched: dict[tuple[str, date | None], set[Part]] = {}
         if new.hi > new.lo:
             for table in TABLES:
                 for (day,) in run(cur, f"SELECT DISTINCT day FROM {table.name} WHERE _load_seq > ?", [new.lo]):
                     touched.setdefault((table.name, day), set()).add(new)
+            for index in KEY_DAYS:
+                if any(name == index.parent.name for name, _ in touched):
+                    touched[(index.name, None)] = {new}
         for family_name, day, part_seq, _ in dirty:
             for table in _FAMILIES[family_name].tables:
                 for p in self.folder.parts.get((table.name, day.isoformat()), {}):
@@ -231,20 +246,20 @@ class ParquetPublisher:
     def _stage(
         self,
         cur: duckdb.DuckDBPyConnection,
-        touched: dict[tuple[str, date], set[Part]],
+        touched: dict[tuple[str, date | None], set[Part]],
         new: Part,
         writes: Writes,
     ) -> None:
         """Copy each touched part's rows to a hidden file (None: the part has no rows any more). Parts
         inside the new one are leftovers of an interrupted publish: the new part holds their rows."""
         for (name, day), parts in touched.items():
-            iso = day.isoformat()
+            iso = day.isoformat() if day is not None else ""
             for p in self.folder.parts.get((name, iso), {}):
                 if p.inside(new):
                     writes[(name, iso, p)] = None
             for p in parts:
                 tmp = self.folder.staging(name, iso, p)
-                rows = self._copy(cur, TABLES_BY_NAME[name], day, p, tmp)
+                rows = self._copy(cur, name, day, p, tmp)
                 writes[(name, iso, p)] = (tmp, rows) if rows else None
                 if not rows:
                     tmp.unlink(missing_ok=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 import orjson
 import pyarrow.parquet as pq
 
-from warehouse.schema import TABLES
+from warehouse.schema import KEY_DAYS, TABLES
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,14 @@ class Snapshot:
     files: dict[str, list[Path]]
 
 
-Key = tuple[str, str]  # (table, day as YYYY-MM-DD)
+Key = tuple[str, str]  # (table, day as YYYY-MM-DD; "" for a key-days index, which has no days)
 # (table, day, part) -> a staged file and its rows, or None: the part goes away.
 Writes = dict[tuple[str, str, Part], tuple[Path, int] | None]
+
+
+def _under(table: str, day: str) -> str:
+    """A part's folder under its table: `day=YYYY-MM-DD`, or none for a key-days index."""
+    return f"{table}/day={day}" if day else table
 
 
 def parts_of(folder: Path) -> list[Part]:
@@ -135,7 +140,7 @@ def current_snapshot(root: Path) -> Snapshot | None:
     return Snapshot(
         gen,
         {
-            table: [root / FILES / table / f"day={day}" / name for day, names in sorted(days.items()) for name in names]
+            table: [root / FILES / _under(table, day) / name for day, names in sorted(days.items()) for name in names]
             for table, days in tables.items()
         },
     )
@@ -158,10 +163,10 @@ class ParquetFolder:
     # -- paths ---------------------------------------------------------------------------------
 
     def live(self, table: str, day: str) -> Path:
-        return self.root / table / f"day={day}"
+        return self.root / _under(table, day)
 
     def store(self, table: str, day: str) -> Path:
-        return self.root / FILES / table / f"day={day}"
+        return self.root / FILES / _under(table, day)
 
     def staging(self, table: str, day: str, part: Part) -> Path:
         """A hidden name in `_files` for a file being written (removed at start if left over)."""
@@ -198,7 +203,13 @@ class ParquetFolder:
         """The live parts as the folder holds them, each with its file in `_files` (a live part
         without one, from an older sink or a copied folder, gets one); what an interrupted change
         left behind is cleaned up, and a new snapshot is named when the newest one differs."""
-        for pattern in ("*/day=*/.*.tmp", f"{FILES}/*/day=*/.*.tmp", f"{SNAPSHOTS}/.*.tmp"):
+        for pattern in (
+            "*/.*.tmp",
+            "*/day=*/.*.tmp",
+            f"{FILES}/*/.*.tmp",
+            f"{FILES}/*/day=*/.*.tmp",
+            f"{SNAPSHOTS}/.*.tmp",
+        ):
             for leftover in self.root.glob(pattern):
                 if leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)
@@ -208,14 +219,14 @@ class ParquetFolder:
         known = (_manifest(self.root, gen) if gen else None) or {}
         parts: dict[Key, dict[Part, Stored]] = {}
         adopt = f"{time.time_ns():020d}"
-        for t in TABLES:
-            for folder in sorted((self.root / t.name).glob("day=*")):
-                day = folder.name.removeprefix("day=")
-                listed = known.get(t.name, {}).get(day, {})
-                by_part = {_part_of(n): Stored(n, r) for n, r in listed.items()}
-                found = _drop_covered(folder)
-                for p in found:
-                    parts.setdefault((t.name, day), {})[p] = self._stored_for(t.name, day, p, by_part.get(p), adopt)
+        folders = [(t.name, f) for t in TABLES for f in sorted((self.root / t.name).glob("day=*"))]
+        folders += [(k.name, self.root / k.name) for k in KEY_DAYS]
+        for table, folder in folders:
+            day = folder.name.removeprefix("day=") if folder.name.startswith("day=") else ""
+            listed = known.get(table, {}).get(day, {})
+            by_part = {_part_of(n): Stored(n, r) for n, r in listed.items()}
+            for p in _drop_covered(folder):
+                parts.setdefault((table, day), {})[p] = self._stored_for(table, day, p, by_part.get(p), adopt)
         self.parts = parts
         self.generation = gen
         listed_now = {k: {s.name: s.rows for s in v.values()} for k, v in parts.items()}
@@ -247,9 +258,12 @@ class ParquetFolder:
             with contextlib.suppress(FileNotFoundError):
                 pending.update(orjson.loads(listed.read_bytes()))
         strays = []
-        for f in (self.root / FILES).glob("*/day=*/part-*.parquet"):
-            table, day = f.parent.parent.name, f.parent.name.removeprefix("day=")
-            rel = f"{table}/day={day}/{f.name}"
+        for f in [*(self.root / FILES).glob("*/day=*/part-*.parquet"), *(self.root / FILES).glob("*/part-*.parquet")]:
+            if f.parent.name.startswith("day="):
+                table, day = f.parent.parent.name, f.parent.name.removeprefix("day=")
+            else:
+                table, day = f.parent.name, ""
+            rel = f"{_under(table, day)}/{f.name}"
             if (table, day, f.name) not in used and rel not in pending:
                 strays.append(rel)
         if strays:
@@ -281,7 +295,7 @@ class ParquetFolder:
             else:
                 live.unlink(missing_ok=True)
             if old is not None:
-                retired.append(f"{table}/day={day}/{old.name}")
+                retired.append(f"{_under(table, day)}/{old.name}")
         for key in {(t, d) for t, d, _ in writes}:
             if not self.parts.get(key):
                 self.parts.pop(key, None)

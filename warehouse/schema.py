@@ -253,6 +253,20 @@ FAMILIES: tuple[Family, ...] = (CALL_FAMILY, CHAT_FAMILY)
 TABLES: tuple[Table, ...] = tuple(t for f in FAMILIES for t in f.tables)
 TABLES_BY_NAME: dict[str, Table] = {t.name: t for t in TABLES}
 
+
+@dataclass(frozen=True, slots=True)
+class KeyDays:
+    """A Parquet-only index of a family: each parent key and its day, a part per publish, sorted by
+    key. Readers find one call's day through it, so a lookup by key opens one day's files."""
+
+    name: str
+    key: str
+    parent: Table
+
+
+KEY_DAYS: tuple[KeyDays, ...] = (KeyDays("call_days", "call_id", CALLS), KeyDays("chat_days", "chat_id", CHATS))
+KEY_DAYS_BY_NAME: dict[str, KeyDays] = {k.name: k for k in KEY_DAYS}
+
 OFFSETS_DDL = """
 CREATE TABLE IF NOT EXISTS _callstream_offsets (
   topic VARCHAR NOT NULL,

@@ -107,3 +107,19 @@ def test_a_file_of_a_newer_release_is_refused_with_what_to_do(tmp_path: Path) ->
     run(con, "INSERT INTO _callstream_schema (version, note) VALUES (99, 'from the future')")
     with pytest.raises(WarehouseError, match="schema version 99, newer than this callstream's"):
         migrate(con)
+
+
+def _columns(con: duckdb.DuckDBPyConnection) -> list[tuple]:
+    return run(
+        con,
+        "SELECT table_name, column_index, column_name, data_type, is_nullable FROM duckdb_columns() "
+        "WHERE schema_name = 'main' ORDER BY table_name, column_index",
+    )
+
+
+def test_a_migrated_file_has_the_schema_of_a_new_one(tmp_path: Path) -> None:
+    old = _v1_file(tmp_path / "old.duckdb")
+    migrate(old)
+    new = duckdb.connect(str(tmp_path / "new.duckdb"))
+    migrate(new)
+    assert _columns(old) == _columns(new)
