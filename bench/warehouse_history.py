@@ -39,13 +39,13 @@ import pyarrow as pa
 from bench.report import machine, write_section
 from bench.warehouse import REPO, Pool, bench_sink, produce
 from kernel.topics import ensure_topics
-from warehouse.compaction import ROW_GROUP_ROWS
 from warehouse.db import run, scalar
 from warehouse.load import stored_versions
 from warehouse.migrations import migrate
 from warehouse.parquet_folder import ParquetFolder, Part, Writes
 from warehouse.read import connect
 from warehouse.schema import CALL_FAMILY, CALL_UTTERANCES, CALLS, key_hash
+from warehouse.sorted_parts import ROW_GROUP_ROWS
 
 PER_DAY = 50_000
 LOAD = 2_000  # calls per pre-filled load, the sink's batch size

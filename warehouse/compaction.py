@@ -27,17 +27,14 @@ from pathlib import Path
 
 import duckdb
 
-from warehouse.db import scalar
 from warehouse.parquet_folder import Key, ParquetFolder, Part, Stored, Writes
 from warehouse.schema import KEY_DAYS_BY_NAME, TABLES_BY_NAME
+from warehouse.sorted_parts import write_sorted
 
 log = logging.getLogger(__name__)
 
 TIER = 4
 QUIET_SECONDS = 600.0
-# Row groups of this many rows: with parts sorted by key, a lookup of one call reads one small
-# row group per file instead of a large one.
-ROW_GROUP_ROWS = 16_384
 
 
 @dataclass
@@ -103,15 +100,8 @@ def merge(folder: ParquetFolder, key: Key, parts: list[Part], compression: str, 
     tmp = folder.staging(table, day, merged)
     files = ", ".join(_quote(folder.store(table, day) / folder.parts[key][p].name) for p in parts)
     order = TABLES_BY_NAME[table].key if table in TABLES_BY_NAME else (KEY_DAYS_BY_NAME[table].key,)
-    rows = int(
-        scalar(
-            con,
-            f"COPY (SELECT * FROM read_parquet([{files}], hive_partitioning = false, union_by_name = true) "
-            f"ORDER BY {', '.join(order)}) "
-            f"TO {_quote(tmp)} (FORMAT parquet, COMPRESSION {compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
-        )
-        or 0
-    )
+    query = f"SELECT * FROM read_parquet([{files}], hive_partitioning = false, union_by_name = true)"
+    rows = write_sorted(con, query, order, tmp, compression, folder.scratch)
     writes: Writes = {(table, day, p): None for p in parts}
     writes[(table, day, merged)] = (tmp, rows) if rows else None
     if not rows:

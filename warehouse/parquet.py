@@ -34,8 +34,8 @@ from typing import Any
 
 import duckdb
 
-from warehouse.compaction import ROW_GROUP_ROWS, merge_tiers
-from warehouse.db import run, scalar
+from warehouse.compaction import merge_tiers
+from warehouse.db import run
 from warehouse.errors import WarehouseError
 from warehouse.parquet_folder import (
     ParquetFolder,
@@ -47,6 +47,7 @@ from warehouse.parquet_folder import (
     snapshot_files,
 )
 from warehouse.schema import FAMILIES, KEY_DAYS, KEY_DAYS_BY_NAME, TABLES, TABLES_BY_NAME, last_load_seq
+from warehouse.sorted_parts import write_sorted
 
 __all__ = ["ParquetPublisher", "Part", "Snapshot", "current_snapshot", "parts_of", "snapshot_files"]
 
@@ -156,24 +157,15 @@ class ParquetPublisher:
     def _copy(self, cur: duckdb.DuckDBPyConnection, name: str, day: date | None, part: Part, tmp: Path) -> int:
         """Write the rows of a part (of a key-days index when `day` is None) to `tmp`, sorted by key."""
         loads = f"_load_seq > {part.lo} AND _load_seq <= {part.hi}"
+        order: tuple[str, ...]
         if day is None:
             index = KEY_DAYS_BY_NAME[name]
-            query = f"SELECT {index.key}, day FROM {index.parent.name} WHERE {loads} ORDER BY {index.key}"
+            query, order = f"SELECT {index.key}, day FROM {index.parent.name} WHERE {loads}", (index.key,)
         else:
             table = TABLES_BY_NAME[name]
             cols = ", ".join(c for c in table.column_names if c != "day")
-            query = (
-                f"SELECT {cols} FROM {name} WHERE day = DATE '{day.isoformat()}' AND {loads} "
-                f"ORDER BY {', '.join(table.key)}"
-            )
-        return int(
-            scalar(
-                cur,
-                f"COPY ({query}) TO '{tmp}' "
-                f"(FORMAT parquet, COMPRESSION {self.compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
-            )
-            or 0
-        )
+            query, order = f"SELECT {cols} FROM {name} WHERE day = DATE '{day.isoformat()}' AND {loads}", table.key
+        return write_sorted(cur, query, order, tmp, self.compression, self.folder.scratch)
 
     def publish(self) -> int:
         """Publish what changed since the last round as a snapshot; return the files written or removed."""

@@ -168,6 +168,11 @@ class ParquetFolder:
     def store(self, table: str, day: str) -> Path:
         return self.root / FILES / _under(table, day)
 
+    @property
+    def scratch(self) -> Path:
+        """Temporary files of a change under way (emptied whenever the folder is loaded)."""
+        return self.root / ".scratch"
+
     def staging(self, table: str, day: str, part: Part) -> Path:
         """A hidden name in `_files` for a file being written (removed at start if left over)."""
         folder = self.store(table, day)
@@ -215,6 +220,7 @@ class ParquetFolder:
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     leftover.unlink(missing_ok=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)
         gen = _read_current(self.root)
         known = (_manifest(self.root, gen) if gen else None) or {}
         parts: dict[Key, dict[Part, Stored]] = {}
