@@ -1,15 +1,16 @@
 """Merging a day's Parquet parts, so parts per day stay few however long the sink runs.
 
-Three merges, each from the parts' files (rows as published, sorted by the table's key) into one
-new part, under the folder's lock, as one change (`warehouse.parquet_folder`): readers of older
-snapshots keep their files for the retention.
+Three merges, each from the parts' files into one new part, under the folder's lock, as one
+change (`warehouse.parquet_folder`): readers of older snapshots keep their files for the retention.
 
 - after each publish, by size tiers: when the newest TIER parts of a day are of one tier (rows
-  within a factor of TIER), they become one. A row is rewritten about once per tier, and a day
-  keeps under TIER parts per tier (some 25 for a day of two-second publishes);
-- after each publish, one quiet day (no part written for QUIET_SECONDS) with several parts becomes
-  one part, so a past day is one file per table;
-- `callstream warehouse compact`: every day with several parts becomes one part (`compact`).
+  within a factor of TIER), they become one, their rows one after the other (DuckDB streams them).
+  A row is rewritten about once per tier, and a day keeps under TIER parts per tier (some 25 for a
+  day of two-second publishes);
+- after each publish, one quiet day (no file written for QUIET_SECONDS) whose parts are several,
+  or not sorted, becomes one part sorted by key (`warehouse.sorted_parts`, in bounded memory), so
+  a past day is one file per table, and a reader of one call reads one row group of it;
+- `callstream warehouse compact`: the same for every day, now.
 
 Merged parts keep the rule that a part (lo, hi] holds its day's rows of loads lo < seq <= hi: the
 parts merged are neighbours in load order, so no other part of the day lies inside the new range.
@@ -27,9 +28,9 @@ from pathlib import Path
 
 import duckdb
 
-from warehouse.parquet_folder import Key, ParquetFolder, Part, Stored, Writes
+from warehouse.parquet_folder import Key, ParquetFolder, Part, Staged, Stored, Writes
 from warehouse.schema import KEY_DAYS_BY_NAME, TABLES_BY_NAME
-from warehouse.sorted_parts import write_sorted
+from warehouse.sorted_parts import copy_parquet, write_sorted
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,14 @@ def _tier_run(parts: dict[Part, Stored]) -> list[Part]:
 
 
 def _quiet_day(folder: ParquetFolder, day: str, now_ns: int) -> bool:
-    """No file of the day was written in the last QUIET_SECONDS (a stored name carries its generation)."""
-    written = (int(s.name.split(".")[1]) for (_, d), parts in folder.parts.items() if d == day for s in parts.values())
+    """No file of the day was written in the last QUIET_SECONDS."""
+    written = (s.written_ns for (_, d), parts in folder.parts.items() if d == day for s in parts.values())
     return now_ns - max(written) > QUIET_SECONDS * 1e9
+
+
+def _unmerged(parts: dict[Part, Stored]) -> bool:
+    """Several parts, or one not sorted by key: what a day's last merge leaves differently."""
+    return len(parts) > 1 or not all(s.by_key for s in parts.values())
 
 
 def merge_tiers(folder: ParquetFolder, keys: Iterable[Key], compression: str, con: duckdb.DuckDBPyConnection) -> int:
@@ -82,9 +88,9 @@ def merge_tiers(folder: ParquetFolder, keys: Iterable[Key], compression: str, co
     keys = set(keys)
     for key in sorted(keys):
         while run := _tier_run(folder.parts.get(key, {})):
-            changed += merge(folder, key, run, compression, con)
+            changed += merge(folder, key, run, compression, con, sort=False)
     touched, now = {day for _, day in keys}, time.time_ns()
-    several = sorted((day, table) for (table, day), parts in folder.parts.items() if len(parts) > 1)
+    several = sorted((day, table) for (table, day), parts in folder.parts.items() if _unmerged(parts))
     quiet = next((day for day, _ in several if day not in touched and _quiet_day(folder, day, now)), None)
     for day, table in several:
         if day == quiet:
@@ -92,18 +98,29 @@ def merge_tiers(folder: ParquetFolder, keys: Iterable[Key], compression: str, co
     return changed
 
 
-def merge(folder: ParquetFolder, key: Key, parts: list[Part], compression: str, con: duckdb.DuckDBPyConnection) -> int:
-    """Merge neighbouring `parts` of one table and day into one part, sorted by the table's key;
-    return the files written or removed. Hold the lock."""
+def merge(
+    folder: ParquetFolder,
+    key: Key,
+    parts: list[Part],
+    compression: str,
+    con: duckdb.DuckDBPyConnection,
+    sort: bool = True,
+) -> int:
+    """Merge neighbouring `parts` of one table and day into one part, sorted by the table's key
+    unless not `sort` (then the rows follow each other as they were); return the files written or
+    removed. Hold the lock."""
     table, day = key
     merged = Part(parts[0].lo, parts[-1].hi)
     tmp = folder.staging(table, day, merged)
     files = ", ".join(_quote(folder.store(table, day) / folder.parts[key][p].name) for p in parts)
     order = TABLES_BY_NAME[table].key if table in TABLES_BY_NAME else (KEY_DAYS_BY_NAME[table].key,)
     query = f"SELECT * FROM read_parquet([{files}], hive_partitioning = false, union_by_name = true)"
-    rows = write_sorted(con, query, order, tmp, compression, folder.scratch)
+    if sort:
+        rows = write_sorted(con, query, order, tmp, compression, folder.scratch)
+    else:
+        rows = copy_parquet(con, query, tmp, compression)
     writes: Writes = {(table, day, p): None for p in parts}
-    writes[(table, day, merged)] = (tmp, rows) if rows else None
+    writes[(table, day, merged)] = Staged(tmp, rows, by_key=sort) if rows else None
     if not rows:
         tmp.unlink(missing_ok=True)
     folder.commit(writes)
@@ -127,11 +144,11 @@ def compact(
     con = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "temp_directory": str(tmp)})
     try:
         with folder.locked():
-            todo = sorted(k for k, parts in folder.parts.items() if len(parts) > 1)
+            todo = sorted(k for k, parts in folder.parts.items() if _unmerged(parts))
         for i, key in enumerate(todo, 1):
             with folder.locked():
                 parts = sorted(folder.parts.get(key, {}))
-                if len(parts) > 1:
+                if _unmerged(folder.parts.get(key, {})):
                     merge(folder, key, parts, compression, con)
                     stats.days += 1
                     stats.files_merged += len(parts)

@@ -6,9 +6,9 @@ writes one new part per table and day with the rows loaded since the last publis
 follows the new rows, not the size of the day or of the history; every query it runs names those
 loads, or the loads of the parts it rewrites, so zone maps skip the rest of the tables. A call
 loaded again replaces its old row in DuckDB; the publish rewrites the part that held the old row
-(as a new file, without it), so no live file keeps a replaced row. Parts are sorted by the table's
-key, so a reader looking up one call reads one row group of each file. After a publish, a day's
-parts are merged by size tiers (`warehouse.compaction`), which keeps them few.
+(as a new file, without it), so no live file keeps a replaced row. After a publish, a day's parts
+are merged by size tiers, and a quiet day becomes one part sorted by key (`warehouse.compaction`).
+Each publish also writes a part of `call_days`/`chat_days` (key -> day) for the loads it covers.
 
 The publisher runs in its own thread with its own DuckDB cursor: its read transaction sees a committed
 state while the loader goes on writing. Replaced rows are recorded in `_callstream_dirty` in the same
@@ -41,13 +41,14 @@ from warehouse.parquet_folder import (
     ParquetFolder,
     Part,
     Snapshot,
+    Staged,
     Writes,
     current_snapshot,
     parts_of,
     snapshot_files,
 )
 from warehouse.schema import FAMILIES, KEY_DAYS, KEY_DAYS_BY_NAME, TABLES, TABLES_BY_NAME, last_load_seq
-from warehouse.sorted_parts import write_sorted
+from warehouse.sorted_parts import copy_parquet
 
 __all__ = ["ParquetPublisher", "Part", "Snapshot", "current_snapshot", "parts_of", "snapshot_files"]
 
@@ -165,7 +166,8 @@ class ParquetPublisher:
             table = TABLES_BY_NAME[name]
             cols = ", ".join(c for c in table.column_names if c != "day")
             query, order = f"SELECT {cols} FROM {name} WHERE day = DATE '{day.isoformat()}' AND {loads}", table.key
-        return write_sorted(cur, query, order, tmp, self.compression, self.folder.scratch)
+        del order  # new parts are written as DuckDB holds them; a quiet day's merge sorts them
+        return copy_parquet(cur, query, tmp, self.compression)
 
     def publish(self) -> int:
         """Publish what changed since the last round as a snapshot; return the files written or removed."""
@@ -210,7 +212,7 @@ class ParquetPublisher:
                 run(cur, "ROLLBACK")
             for staged in writes.values():
                 if staged is not None:
-                    staged[0].unlink(missing_ok=True)
+                    staged.path.unlink(missing_ok=True)
             raise
         return _Plan(high, max_seq, writes)
 
@@ -252,6 +254,6 @@ class ParquetPublisher:
             for p in parts:
                 tmp = self.folder.staging(name, iso, p)
                 rows = self._copy(cur, name, day, p, tmp)
-                writes[(name, iso, p)] = (tmp, rows) if rows else None
+                writes[(name, iso, p)] = Staged(tmp, rows) if rows else None
                 if not rows:
                     tmp.unlink(missing_ok=True)

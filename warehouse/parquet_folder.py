@@ -47,7 +47,7 @@ CURRENT = "CURRENT"
 PUBLISHED = "_published.json"
 LOCK = ".lock"
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
-_STORED = re.compile(r"^part-(\d{12})-(\d{12})\.(\d{20})\.parquet$")
+_STORED = re.compile(r"^part-(\d{12})-(\d{12})\.(\d{20})(\.sorted)?\.parquet$")
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -59,8 +59,8 @@ class Part:
     def name(self) -> str:
         return f"part-{self.lo:012d}-{self.hi:012d}.parquet"
 
-    def stored(self, generation: str) -> str:
-        return f"part-{self.lo:012d}-{self.hi:012d}.{generation}.parquet"
+    def stored(self, generation: str, by_key: bool = False) -> str:
+        return f"part-{self.lo:012d}-{self.hi:012d}.{generation}{'.sorted' if by_key else ''}.parquet"
 
     def holds(self, seq: int) -> bool:
         return self.lo < seq <= self.hi
@@ -76,6 +76,24 @@ class Stored:
     name: str
     rows: int
 
+    @property
+    def by_key(self) -> bool:
+        """Its rows are sorted by the table's key (its name says so)."""
+        return self.name.endswith(".sorted.parquet")
+
+    @property
+    def written_ns(self) -> int:
+        return int(self.name.split(".")[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A file written for a change, not yet in place."""
+
+    path: Path
+    rows: int
+    by_key: bool = False
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -86,8 +104,8 @@ class Snapshot:
 
 
 Key = tuple[str, str]  # (table, day as YYYY-MM-DD; "" for a key-days index, which has no days)
-# (table, day, part) -> a staged file and its rows, or None: the part goes away.
-Writes = dict[tuple[str, str, Part], tuple[Path, int] | None]
+# (table, day, part) -> a staged file, or None: the part goes away.
+Writes = dict[tuple[str, str, Part], Staged | None]
 
 
 def _under(table: str, day: str) -> str:
@@ -289,9 +307,8 @@ class ParquetFolder:
             old = self.parts.get(key, {}).pop(part, None)
             live = self.live(table, day) / part.name
             if staged is not None:
-                path, rows = staged
-                stored = Stored(part.stored(gen), rows)
-                os.replace(path, self.store(table, day) / stored.name)
+                stored = Stored(part.stored(gen, staged.by_key), staged.rows)
+                os.replace(staged.path, self.store(table, day) / stored.name)
                 live.parent.mkdir(parents=True, exist_ok=True)
                 link = live.with_name(f".{part.name}.tmp")
                 link.unlink(missing_ok=True)

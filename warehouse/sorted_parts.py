@@ -31,6 +31,18 @@ _BATCH_ROWS = 8_192
 _SAMPLES_PER_BUCKET = 64
 
 
+def copy_parquet(con: duckdb.DuckDBPyConnection, query: str, dest: Path, compression: str) -> int:
+    """Write the rows of `query` to `dest` as they come (streaming, in DuckDB's memory); return the
+    rows written (0: no file)."""
+    written = scalar(
+        con,
+        f"COPY ({query}) TO '{dest}' (FORMAT parquet, COMPRESSION {compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
+    )
+    if not written:
+        dest.unlink(missing_ok=True)
+    return int(written or 0)
+
+
 def write_sorted(
     con: duckdb.DuckDBPyConnection, query: str, order: tuple[str, ...], dest: Path, compression: str, scratch: Path
 ) -> int:
