@@ -196,14 +196,27 @@ def restart(
     worker.kill()
     t0 = time.monotonic()
     fresh = WorkerProc(env, tmp, n)
+    told = t0
     while True:
         fresh.check_alive()
         got = fresh.overall()
         if got == want:
             return fresh, time.monotonic() - t0
+        if got is not None and time.monotonic() - told > 30:
+            told = time.monotonic()
+            say(f"  the restarted worker is ready but its totals differ (before, now): {_diff(want, got)}")
         if time.monotonic() - t0 > 600:
-            raise SystemExit(f"the restarted worker did not show the totals within 10 min; see {fresh.log}")
+            fresh.kill()
+            raise SystemExit(
+                f"the restarted worker did not show the totals within 10 min (before, now: {_diff(want, got)}); "
+                f"see {fresh.log}"
+            )
         time.sleep(0.1)
+
+
+def _diff(want: dict[str, Any], got: dict[str, Any] | None) -> dict[str, Any]:
+    got = got or {}
+    return {k: (want.get(k), got.get(k)) for k in sorted({*want, *got}) if got.get(k) != want.get(k)}
 
 
 def make_topics(bootstrap: str, prefix: str, changelog: str) -> None:

@@ -17,7 +17,9 @@ loses only a tail of them, so after a SIGKILL the recovered changelog is a prefi
 written: if the commit record of a batch survived but its end marker did not, overlaying its
 windows, calls, alerts and drops on the table restores that batch whole; if the commit record did
 not survive, the batch left no trace and its events (not yet committed as consumed, since Faust
-flushes the producer before committing offsets) are processed again. Either way each event counts
+flushes the producer before committing offsets) are processed again. Events of batches whose commit
+record survived but whose offsets Faust had not committed yet are read again too, and skipped: the
+commit record holds how far the partition had read each topic. Either way each event counts
 exactly once. When the end marker survived nothing is overlaid, so an alert the outbox delivered
 and deleted after the batch is not brought back.
 
@@ -414,6 +416,8 @@ class Processor:
         part = self.parts[partition]
         batch = _Batch()
         for message in messages:
+            if _applied(part, message):
+                continue
             _mark(part, message)
             if message.received_at > self.newest:
                 self.newest = message.received_at
@@ -526,6 +530,15 @@ class Processor:
         for key in gone:
             store.put(partition, key, None)
         store.put(partition, end_key(partition), b"%d" % book.seq)
+
+
+def _applied(part: Partition, message: EventMessage) -> bool:
+    """Whether a commit record that survived covers the message already: one read again after a
+    crash or a rebalance (Faust commits offsets on an interval, the changelog every batch). Skipped,
+    it cannot count as late when its call's state was dropped since. A message newer than the newest
+    read from its topic is never skipped (a topic made again starts from offset 0)."""
+    mark = part.marks.get(message.topic)
+    return mark is not None and 0 <= message.offset < mark.next and message.received_at <= mark.at
 
 
 def _mark(part: Partition, message: EventMessage) -> None:

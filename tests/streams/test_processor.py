@@ -114,15 +114,21 @@ def _scenario(factory: CallFactory, calls: int, step_ms: int = 250) -> tuple[lis
     rng = random.Random(11)
     msgs: list[EventMessage] = []
     ids = set()
+    offsets: dict[tuple[int, str], int] = {}
+
+    def message(p: int, e: Event, at: int) -> EventMessage:
+        offset = offsets[(p, e.event)] = offsets.get((p, e.event), -1) + 1
+        return EventMessage(p, e.event, e.key.encode(), e.body(), at, f"t.{e.event}", offset)
+
     for i in range(calls):
         at = T0 + i * step_ms
         evs = factory.events(now_ms=at)
         ids.add(evs[0].key)
         p = hash(evs[0].key) % 3
         for e in evs:
-            msgs.append(EventMessage(p, e.event, e.key.encode(), e.body(), at))
+            msgs.append(message(p, e, at))
             if rng.random() < 0.2:
-                msgs.append(EventMessage(p, e.event, e.key.encode(), e.body(), at))
+                msgs.append(message(p, e, at))
     return msgs, ids
 
 
@@ -175,10 +181,9 @@ def test_crash_at_any_point_recovers_without_double_counting(factory: CallFactor
     again = [a.id for b in batches[committed:] for a in second.process(b)]
     assert sorted(outbox + again) == sorted(raised)
     got = {p: totals_of(second, p) for p in range(3)}
-    late = [g.pop("late_events") - w.pop("late_events") for g, w in zip(got.values(), want.values(), strict=True)]
+    # A batch read again is skipped where its commit record survived, so a delivery whose call's state
+    # was dropped meanwhile is not counted as late either.
     assert got == want
-    # A delivery processed again after its call's state was dropped counts as late, never in the totals.
-    assert min(late) >= 0 and (lifetime == "expiring" or max(late) == 0)
     assert sum(g["calls"] + g["chats"] for g in got.values()) == len(ids)
 
 
