@@ -342,7 +342,7 @@ def _explained(rows: list[Row], art: str) -> list[str]:
         lines += [
             "",
             f"Why not DuckDB's index: a primary key (ART) answers a batch's keys in constant time, but DuckDB "
-            f"holds the whole index in memory once it is used; at {big.existing:,} calls {art}. Schema version 2 "
+            f"holds the whole index in memory once it is used; at {big.existing:,} calls {art}. Schema version 3 "
             "drops the old schema's primary keys for that reason.",
         ]
     lines += [
