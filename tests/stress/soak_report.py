@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from bench.report import machine
 from callstream.localkafka import KAFKA_VERSION
+from tests.stress.soak_stack import SOAK_TTL_ANALYZED_S, SOAK_TTL_IDLE_S
 from tests.support.rss import Growth
 
 if TYPE_CHECKING:
@@ -65,7 +66,10 @@ def _head(out: Outcome) -> str:
         f"{KAFKA_VERSION} broker of the soak's own (3 partitions per topic); a fault every "
         f"{o.fault_every:g} s in turn: SIGKILL worker A (started again at once), SIGKILL the sink (started "
         "again at once), SIGKILL one of the gateway's two processes (uvicorn starts another), stop the broker "
-        f"for {o.broker_down:g} s (nothing else touched). {len(out.faults)} faults in {out.seconds / 60:.1f} min "
+        f"for {o.broker_down:g} s (nothing else touched). The workers keep a call's state "
+        f"{SOAK_TTL_ANALYZED_S / 60:g} min after its analysis and {SOAK_TTL_IDLE_S / 60:g} min otherwise (6 h and 24 h "
+        "by default), so that their live state is steady after the warm-up. "
+        f"{len(out.faults)} faults in {out.seconds / 60:.1f} min "
         f"of traffic; {out.stack.restarts} restarts by the soak; {out.startup_s:.0f} s to start everything "
         f"before, {out.audit_s:.0f} s of catch-up and audit after."
     )

@@ -32,6 +32,9 @@ from warehouse.status import status_path
 WORKERS = ("worker A", "worker B")
 SERVICES = ("gateway", *WORKERS, "sink")
 
+SOAK_TTL_ANALYZED_S = 300
+SOAK_TTL_IDLE_S = 600
+
 
 def _children(pid: int) -> list[int]:
     try:
@@ -103,6 +106,10 @@ class Stack:
             CALLSTREAM_PARQUET_DIR=str(self.parquet),
             CALLSTREAM_ALERT_WEBHOOK_URL=self.receiver.url,
             CALLSTREAM_DATA_DIR=str(self.work / "faust" / name.replace(" ", "-")),
+            # The workers' state lifetimes (6 h and 24 h by default) scaled to the soak's hour, so that
+            # their live state is steady after the warm-up and memory growth means a leak.
+            CALLSTREAM_CALL_TTL_ANALYZED_S=str(SOAK_TTL_ANALYZED_S),
+            CALLSTREAM_CALL_TTL_IDLE_S=str(SOAK_TTL_IDLE_S),
             PYTHONUNBUFFERED="1",
         )
         return env
