@@ -24,6 +24,9 @@ tests/streams/test_faust_internals.py and test_worker.py cover them):
 - The memory store's `_key_partition` map, by which it forgets revoked partitions' keys
   (`remember_partition`), and which tells a recovered key's partition (`key_partitions`).
 - `ProducerBuffer.max_messages`, the pending sends that stall a stream (`set_producer_buffer`).
+- The aiokafka driver's `Producer._ensure_producer()`, the `AIOKafkaProducer` whose `create_batch`
+  and `send_batch` take the changelog writes in bulk; `Producer.flush()`, which Faust awaits
+  before committing offsets, flushes that producer too (`kafka_producer`).
 - `mode.Worker._schedule_shutdown`, the clean stop a signal starts (`stop_worker`), and
   `execute_from_commandline` ending in `SystemExit` with the crash's status (`run_worker`).
 - The aiohttp driver's `Web.web_app`, where the read side's token check sits in front of every
@@ -366,6 +369,11 @@ def remember_partition(table: Any, key: bytes, partition: int | None) -> None:
 def key_partitions(table: Any) -> Mapping[bytes, int]:
     """The memory store's key -> partition map: recovered keys and the ones `remember_partition` named."""
     return cast(Mapping[bytes, int], getattr(table.data, "_key_partition", {}))
+
+
+def kafka_producer(app: faust.App) -> Any:
+    """The started app's aiokafka producer (an `AIOKafkaProducer`), under Faust's own producer."""
+    return cast(faust_aiokafka.Producer, app.producer)._ensure_producer()
 
 
 def set_producer_buffer(app: faust.App, max_messages: int) -> None:
