@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import mode.loop
 from faust.types import TP
 
 from kernel.catalogue import UNKNOWN, Header
@@ -34,6 +36,14 @@ from streams.topics import TABLE, WorkerTopics, await_partitions
 from streams.web import Pages, register_pages
 
 log = logging.getLogger(__name__)
+
+
+def use_uvloop() -> None:
+    """Run the worker on uvloop (cheaper callbacks, futures and sockets than asyncio's own loop).
+
+    Call it before the Worker is built: mode and Faust take the loop the policy gives then.
+    """
+    mode.loop.use("uvloop")
 
 
 class Worker:
@@ -86,6 +96,7 @@ class Worker:
         )
         self._last_rate_alert: dict[str, int] = {}
         self._faust_worker: FaustWorker | None = None
+        self._frozen = False
         self.app.gate_start(self._await_topics, self._gate_failed)
         self._connect()
         pages = Pages(
@@ -183,6 +194,10 @@ class Worker:
                 )
             )
             await asyncio.get_running_loop().create_future()  # hold the recovery until the stop cancels it
+        if not self._frozen:
+            # What start-up allocated lives as long as the worker: keep it out of every later collection.
+            gc.freeze()
+            self._frozen = True
         self.readiness.ready()
 
     # -- what the app's consumer, tasks and pages call ---------------------------------------------
