@@ -63,12 +63,15 @@ class TableStore:
         all are.
         """
         pending, self.pending = self.pending, []
-        if not pending:
+        return await self._send_all(pending)
+
+    async def _send_all(self, writes: list[tuple[int, bytes, bytes | None]]) -> dict[int, asyncio.Future[Any]]:
+        if not writes:
             return {}
         producer, name = kafka_producer(self.app), self.table.changelog_topic.get_topic_name()
         builders: dict[int, Any] = {}
         last: dict[int, asyncio.Future[Any]] = {}
-        for partition, key, value in pending:
+        for partition, key, value in writes:
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()
@@ -85,6 +88,14 @@ class TableStore:
         fut = cast(asyncio.Future[Any], await producer.send_batch(builder, name, partition=partition))
         fut.add_done_callback(self._sent)
         return fut
+
+    async def delete_now(self, partition: int, keys: list[bytes]) -> asyncio.Future[Any]:
+        """Delete keys and send their tombstones to the changelog at once, in one record batch (the
+        outbox's deliveries); the future of the last."""
+        for key in keys:
+            self.restore(partition, key, None)
+        sent = await self._send_all([(partition, key, None) for key in keys])
+        return sent[partition]
 
     async def write_now(self, partition: int, key: bytes, value: bytes | None) -> asyncio.Future[Any]:
         """Set a key and send it to the changelog at once, outside any batch (the outbox's deletions)."""

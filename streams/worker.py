@@ -265,10 +265,12 @@ class Worker:
             if self.readiness.is_ready and self.processor.tick(self.active_partitions()):
                 await self.store.flush()
 
-    async def _publish(self, alert: Alert) -> None:
-        """Put an alert on `<prefix>.alerts` and wait until the broker has it."""
-        send = self.app.producer.send
-        await (await send(self.topics.alerts, alert.id.encode(), encode_alert(alert), None, None, None))
+    async def _publish(self, alerts: list[Alert]) -> None:
+        """Put alerts on `<prefix>.alerts` and wait until the broker has them all."""
+        send, topic = self.app.producer.send, self.topics.alerts
+        sent = [await send(topic, alert.id.encode(), encode_alert(alert), None, None, None) for alert in alerts]
+        for fut in sent:
+            await fut
 
     def _published_since(self, since_ms: int) -> set[str]:
         return ids_on_topic(self.settings.kafka_bootstrap, self.topics.alerts, since_ms)
