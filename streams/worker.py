@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import threading
@@ -357,15 +356,11 @@ def _new_app(cfg: WorkerSettings) -> App:
 def _event_message(record: Any) -> EventMessage:
     """An aiokafka record's event name (the gateway's `event` header, else the topic's suffix) and
     `received_at` ms (the header, else the record's timestamp)."""
-    name, at = "", 0
-    for header, value in record.headers or ():
-        if header == Header.EVENT:
-            name = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        elif header == Header.RECEIVED_AT:
-            with contextlib.suppress(TypeError, ValueError):
-                at = int(value)
-    if not name:
-        name = record.topic.rpartition(".")[2] or UNKNOWN
+    headers = dict(record.headers) if record.headers else {}
+    raw = headers.get(Header.EVENT)
+    name = raw.decode(errors="replace") if raw else record.topic.rpartition(".")[2] or UNKNOWN
+    raw = headers.get(Header.RECEIVED_AT)
+    at = int(raw) if raw and raw.isdigit() else 0
     if not at:
         at = int(record.timestamp) if record.timestamp else int(time.time() * 1000)
     key = record.key if isinstance(record.key, bytes) else str(record.key or "").encode()

@@ -65,7 +65,7 @@ def test_a_batch_counts_a_call_once_and_writes_to_its_partition(
     assert (2, b"c:" + evs[0].key.encode()) in {(p, k) for p, k, _ in written}
 
 
-def test_a_record_without_headers_takes_its_event_from_the_topic_and_its_time_from_the_record(
+def test_a_record_without_usable_headers_takes_its_event_from_the_topic_and_its_time_from_the_record(
     worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = worker.store
@@ -77,7 +77,8 @@ def test_a_record_without_headers_takes_its_event_from_the_topic_and_its_time_fr
     monkeypatch.setattr(store, "flush", drop)
     ev = CallFactory(Fleet(seed=5, agents=1), seed=5).events("completed")[0]
     at = int(time.time() * 1000) - 5000
-    rec = ConsumerRecord(f"unit.{ev.event}", 1, 7, at, 0, ev.key.encode(), ev.body(), None, 1, 1, [])
+    headers = [("received_at", b"soon")]  # not a number: the record's timestamp stands in
+    rec = ConsumerRecord(f"unit.{ev.event}", 1, 7, at, 0, ev.key.encode(), ev.body(), None, 1, 1, headers)
     asyncio.run(worker.process_records({TP(rec.topic, 1): [rec]}))
     mark = worker.processor.part(1).marks[rec.topic]
     assert (mark.at, mark.next) == (at, 8)
