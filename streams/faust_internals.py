@@ -147,6 +147,10 @@ class Consumer(FastWaitFirst, faust_aiokafka.Consumer):
         idle.clear()
         try:
             await handler(batch)
+        except Exception as exc:
+            # Skipping the batch would lose its events, and retrying it would fail the same way.
+            await self.crash(exc)
+            raise
         finally:
             idle.set()
         inbound, now = self.app.monitor.stream_inbound_time, monotonic()

@@ -254,3 +254,18 @@ async def test_waiting_for_the_streams_to_empty_waits_for_the_batch_being_handle
     release.set()
     await fetch
     await waiting
+
+
+@sync
+async def test_a_batch_that_fails_crashes_the_consumer_and_is_not_acked() -> None:
+    f = Fetches("tfail")
+    tp = TP("tfail.call_started", 0)
+
+    async def fails(records: Records) -> None:
+        raise RuntimeError("the processor failed")
+
+    f.app.batch_handler = fails
+    with pytest.raises(RuntimeError):
+        await f.fetch({tp: _records(tp.topic, 0, [0, 1])})
+    assert f.consumer._crashed.is_set()
+    assert not f.consumer._acked[tp]
