@@ -258,15 +258,13 @@ def _register_lake() -> None:
     register(main)
 
 
-_register_lake()
-
-
 def _register_warehouse() -> None:
     from callstream.cli_warehouse import register
 
     register(main)
 
 
+_register_lake()
 _register_warehouse()
 
 

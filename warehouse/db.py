@@ -51,8 +51,17 @@ def open_for_writing(path: str, memory_limit: str, threads: int) -> duckdb.DuckD
     """The warehouse file opened by its one writer; a lock held by another process is a clear error."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
+        # DuckDB checkpoints by itself whenever its WAL passes checkpoint_threshold (16 MB by default:
+        # every batch or two), and each checkpoint costs more as the tables grow; the sink also
+        # checkpoints every `checkpoint_seconds`, so a larger threshold only bounds the WAL a restart replays.
         return duckdb.connect(
-            path, config={"memory_limit": memory_limit, "threads": threads, "preserve_insertion_order": False}
+            path,
+            config={
+                "memory_limit": memory_limit,
+                "threads": threads,
+                "preserve_insertion_order": False,
+                "checkpoint_threshold": "256MB",
+            },
         )
     except duckdb.IOException as exc:
         if "lock" not in str(exc).lower():

@@ -13,14 +13,18 @@ replay, the sink compares the tables with the ledger. A load whose rows differ i
 deleted, its Parquet parts marked for rewriting) and the stored offsets move back to where it began
 reading, so it is loaded again from Kafka; repeated deliveries replace rows, so nothing doubles.
 
-Only loads since the last start need this: at start, once the tables agree with the ledger, a
-CHECKPOINT writes them into the database file, and the ledger forgets them (it keeps the highest
-load number, so load numbers never repeat).
+Only loads since the last CHECKPOINT need this: a checkpoint writes the tables, as the sink's
+checks before and after each COMMIT saw them, into the database file, and the WAL no longer
+matters for them. So at start, once the tables agree with the ledger, and every
+`checkpoint_seconds` (30) while the sink runs, it checkpoints and the ledger forgets the loads up to
+then (it keeps the highest load number, so load numbers never repeat). The ledger stays a few
+hundred rows however long the sink runs, and the start-up check reads only the loads since.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -177,15 +181,31 @@ def _mark_dirty(con: duckdb.DuckDBPyConnection, family: Family, in_seqs: str) ->
     run(con, f"INSERT INTO _callstream_dirty SELECT DISTINCT ?, day, _load_seq, _load_seq FROM ({days})", [family.name])
 
 
-def forget_checkpointed(con: duckdb.DuckDBPyConnection, last: int) -> None:
+def forget_checkpointed(con: duckdb.DuckDBPyConnection, last: int) -> bool:
     """CHECKPOINT, then drop the ledger's loads up to `last`: the database file holds them now, and no
-    WAL replay can shorten them. The base keeps `last`, so load numbers never repeat."""
-    run(con, "CHECKPOINT")
+    WAL replay can shorten them. The base keeps `last`, so load numbers never repeat. Returns False,
+    forgetting nothing, when DuckDB refuses the CHECKPOINT (another transaction writes) or the WAL is
+    not empty after it."""
+    try:
+        run(con, "CHECKPOINT")
+    except duckdb.TransactionException:
+        return False
+    if _wal_bytes(con):
+        return False
     with transaction(con):
         run(con, "DELETE FROM _callstream_ledger_base")
         run(con, "INSERT INTO _callstream_ledger_base VALUES (?)", [last])
         run(con, "DELETE FROM _callstream_loads WHERE seq <= ?", [last])
         run(con, "DELETE FROM _callstream_load_offsets WHERE seq <= ?", [last])
+    return True
+
+
+def _wal_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    path = scalar(con, "SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
+    try:
+        return os.path.getsize(f"{path}.wal") if path else 0
+    except OSError:  # no WAL file: nothing to replay
+        return 0
 
 
 def repair(con: duckdb.DuckDBPyConnection, low_watermark: Callable[[str, int], int]) -> list[Mismatch]:

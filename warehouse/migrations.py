@@ -18,7 +18,7 @@ import duckdb
 from warehouse import ledger
 from warehouse.db import run, scalar, transaction
 from warehouse.errors import WarehouseError
-from warehouse.schema import DIRTY_DDL, FORGOTTEN_DDL, OFFSETS_DDL, TABLES
+from warehouse.schema import DIRTY_DDL, FORGOTTEN_DDL, OFFSETS_DDL, TABLES, key_hash
 from warehouse.views import create_views
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,37 @@ def _forgotten(con: duckdb.DuckDBPyConnection) -> None:
     run(con, FORGOTTEN_DDL)
 
 
+def _parents_without_index(con: duckdb.DuckDBPyConnection) -> None:
+    """calls and chats lose their PRIMARY KEY (DuckDB keeps its index whole in memory once used: some
+    70 bytes a call, past the sink's memory limit within weeks) and gain `_key_hash`, which the
+    replace check scans instead. DuckDB cannot drop a constraint, so each table is copied, in the
+    order of its rows (loads stay in sequence, which keeps zone maps on `_load_seq` useful)."""
+    kept = scalar(con, "SELECT current_setting('preserve_insertion_order')")
+    run(con, "SET preserve_insertion_order = true")
+    try:
+        for table, key in (("calls", "call_id"), ("chats", "chat_id")):
+            not_null = run(
+                con,
+                "SELECT unnest(constraint_column_names) FROM duckdb_constraints() "
+                "WHERE table_name = ? AND constraint_type = 'NOT NULL'",
+                [table],
+            )
+            run(con, f"CREATE TABLE _callstream_copy AS SELECT *, {key_hash(key)} AS _key_hash FROM {table}")
+            run(con, f"DROP TABLE {table}")
+            run(con, f"ALTER TABLE _callstream_copy RENAME TO {table}")
+            for (column,) in [*not_null, ("_key_hash",)]:
+                run(con, f"ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL")
+    finally:
+        run(con, f"SET preserve_insertion_order = {'true' if kept else 'false'}")
+
+
 # Append only: a released migration never changes, a new schema change is a new entry.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tables, offsets, dirty days and load ledger of the first release", _nothing),
     Migration(2, "the list of calls and chats erased by `callstream warehouse forget`", _forgotten),
+    Migration(
+        3, "calls and chats without a primary key index, with a key hash for the replace check", _parents_without_index
+    ),
 )
 
 

@@ -1,12 +1,13 @@
-"""Rewriting the Parquet files without given calls or chats: the tree and every snapshot, for `forget`.
+"""Rewriting the Parquet files without given calls or chats: the live parts and every snapshot, for `forget`.
 
-A part is one file with several names: its place in `<table>/day=.../` and a hard link in each
-snapshot that was published while it existed (`warehouse.parquet`). Every file (every inode) that
-holds a key is copied without those rows, and each of its names is pointed at the copy by a rename,
-so a reader never meets a half-written or missing file: a reader that listed a snapshot's files keeps
-reading them (now without the erased rows), and the old file is gone once the last name moved.
-A copy left with no rows is removed from the tree but stays, empty, in the snapshots, whose readers
-list the file by name. Only run while no sink publishes (`forget` holds the DuckDB file).
+A part is one file with several names: its live place in `<table>/day=.../` and its file in `_files`,
+which the snapshots list (`warehouse.parquet_folder`; a folder from before snapshot manifests also
+has a hard link in each `_snapshots/<gen>/`). Every file (every inode) that holds a key is copied
+without those rows, and each of its names is pointed at the copy by a rename, so a reader never
+meets a half-written or missing file: a reader that listed a snapshot's files keeps reading them
+(now without the erased rows), and the old file is gone once the last name moved. A copy left with
+no rows is removed from the live parts but stays, empty, where snapshots name it, until the folder
+retires it. Runs under the folder's lock, while no sink runs (`forget` holds the DuckDB file).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import duckdb
 
 from warehouse.db import run, scalar
-from warehouse.parquet import SNAPSHOTS
+from warehouse.parquet_folder import FILES, SNAPSHOTS, ParquetFolder
 from warehouse.schema import Family
 
 _COPY = ".forget-copy.tmp"
@@ -51,8 +52,9 @@ def _names(root: Path, table: str) -> dict[tuple[int, int], list[Path]]:
     """Every name of every part of `table` (tree and snapshots), grouped by the file they name."""
     found: dict[tuple[int, int], list[Path]] = defaultdict(list)
     tree = root.glob(f"{table}/day=*/part-*.parquet")
+    stored = root.glob(f"{FILES}/{table}/day=*/part-*.parquet")
     snaps = (p for p in root.glob(f"{SNAPSHOTS}/*/{table}/day=*/part-*.parquet") if not p.parts[-4].startswith("."))
-    for p in (*tree, *snaps):
+    for p in (*tree, *stored, *snaps):
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -62,13 +64,15 @@ def _names(root: Path, table: str) -> dict[tuple[int, int], list[Path]]:
 
 
 def _in_tree(root: Path, p: Path) -> bool:
-    return p.relative_to(root).parts[0] != SNAPSHOTS
+    """A live part's name (not a stored file or an old snapshot's link)."""
+    return p.relative_to(root).parts[0] not in (SNAPSHOTS, FILES)
 
 
 def remove_leftovers(root: Path) -> int:
     """Temporary files of an interrupted publish or forget: they may hold any row, erased ones too."""
     n = 0
-    for p in [*root.glob("*/day=*/.*.tmp"), *root.glob(f"{SNAPSHOTS}/*/*/day=*/.*.forget-*.tmp")]:
+    leftovers = ("*/day=*/.*.tmp", f"{FILES}/*/day=*/.*.tmp", f"{SNAPSHOTS}/*/*/day=*/.*.forget-*.tmp")
+    for p in [f for pattern in leftovers for f in root.glob(pattern)]:
         p.unlink(missing_ok=True)
         n += 1
     snaps = root / SNAPSHOTS
@@ -109,9 +113,24 @@ def rewrite(
     compression: str,
     progress: Callable[[int], None] = lambda n: None,
 ) -> PurgeStats:
-    """Rewrite every file (tree and snapshots) that holds a key of a family's relation (a table or
-    view of the connection with a `key` column) without that key's rows."""
+    """Rewrite every file (live parts and snapshots) that holds a key of a family's relation (a table
+    or view of the connection with a `key` column) without that key's rows."""
     stats = PurgeStats(leftovers=remove_leftovers(root))
+    folder = ParquetFolder(root)
+    with folder.locked():
+        _rewrite_all(con, root, targets, compression, progress, stats)
+        folder.rescan()
+    return stats
+
+
+def _rewrite_all(
+    con: duckdb.DuckDBPyConnection,
+    root: Path,
+    targets: Iterable[tuple[Family, str]],
+    compression: str,
+    progress: Callable[[int], None],
+    stats: PurgeStats,
+) -> None:
     for family, keys_table in targets:
         key = family.parent.parent_key
         for table, files in holding(con, root, family, keys_table).items():
@@ -126,7 +145,6 @@ def rewrite(
                         if _in_tree(root, p):
                             p.unlink()
                 progress(1)
-    return stats
 
 
 def _rewrite_one(

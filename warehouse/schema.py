@@ -8,6 +8,7 @@ the same day partition of every table.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,12 +30,15 @@ class Column:
 class Table:
     name: str
     columns: tuple[Column, ...]
-    # The primary key: enforced by DuckDB for parents; for children, the sink's replace-with-the-
-    # parent rule keeps it unique (an index on millions of utterances would cost memory for nothing).
+    # The primary key, kept unique by the sink's replace check (warehouse.load), not by DuckDB: an
+    # index (ART) lives in memory whole once used, and would grow with every call ever loaded.
     key: tuple[str, ...]
     # Child tables are replaced together with their parent, matched on `parent_key`.
     parent_key: str
-    enforce_key: bool = True
+
+    @property
+    def is_parent(self) -> bool:
+        return self.key == (self.parent_key,)
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -44,10 +48,14 @@ class Table:
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    @property
+    def hidden(self) -> tuple[Column, ...]:
+        """The columns only DuckDB has (never in Parquet, Arrow or the read views)."""
+        return (LOAD_SEQ, KEY_HASH) if self.is_parent else (LOAD_SEQ,)
+
     def ddl(self) -> str:
-        cols = ",\n  ".join(f"{c.name} {c.sql}" for c in (*self.columns, LOAD_SEQ))
-        pk = f",\n  PRIMARY KEY ({', '.join(self.key)})" if self.enforce_key else ""
-        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}{pk}\n)"
+        cols = ",\n  ".join(f"{c.name} {c.sql}" for c in (*self.columns, *self.hidden))
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}\n)"
 
     def empty_select(self) -> str:
         """A typed, empty SELECT with this table's columns (a view before any data exists)."""
@@ -74,6 +82,22 @@ def _c(name: str, sql: str) -> Column:
 # The batch that loaded a row (DuckDB only, not in Parquet): a publish writes the rows loaded since
 # the last one into a new Parquet part, and finds the part that holds a replaced row.
 LOAD_SEQ = Column("_load_seq", "BIGINT NOT NULL", pa.int64())
+
+# A parent row's key hashed (`key_hash`): the replace check scans these 8 bytes a row to find the
+# stored versions of a batch's keys, then compares the keys themselves (warehouse.load).
+KEY_HASH = Column("_key_hash", "UBIGINT NOT NULL", pa.uint64())
+
+
+def key_hash(expr: str) -> str:
+    """SQL for the key hash of a VARCHAR expression: the first 8 bytes of its MD5 as a little-endian
+    integer (`python_key_hash`). MD5, not DuckDB's hash(), whose values may change between releases."""
+    return f"CAST(md5_number({expr}) & 18446744073709551615 AS UBIGINT)"
+
+
+def python_key_hash(key: str) -> int:
+    """`key_hash` computed outside DuckDB: the sink checks at start that both agree."""
+    return int.from_bytes(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:8], "little")
+
 
 # Common tail of every table: where the row came from, so any row can be traced to its message.
 _SOURCE = (
@@ -143,7 +167,6 @@ CALL_UTTERANCES = Table(
     ),
     key=("call_id", "turn"),
     parent_key="call_id",
-    enforce_key=False,
 )
 
 CALL_TOOL_CALLS = Table(
@@ -160,7 +183,6 @@ CALL_TOOL_CALLS = Table(
     ),
     key=("call_id", "tool_call_id"),
     parent_key="call_id",
-    enforce_key=False,
 )
 
 CHATS = Table(
@@ -209,7 +231,6 @@ CHAT_MESSAGES = Table(
     ),
     key=("chat_id", "turn"),
     parent_key="chat_id",
-    enforce_key=False,
 )
 
 
@@ -232,6 +253,20 @@ CHAT_FAMILY = Family("chats", ANALYZED[Subject.CHAT], CHATS, (CHAT_MESSAGES,))
 FAMILIES: tuple[Family, ...] = (CALL_FAMILY, CHAT_FAMILY)
 TABLES: tuple[Table, ...] = tuple(t for f in FAMILIES for t in f.tables)
 TABLES_BY_NAME: dict[str, Table] = {t.name: t for t in TABLES}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDays:
+    """A Parquet-only index of a family: each parent key and its day, a part per publish, sorted by
+    key. Readers find one call's day through it, so a lookup by key opens one day's files."""
+
+    name: str
+    key: str
+    parent: Table
+
+
+KEY_DAYS: tuple[KeyDays, ...] = (KeyDays("call_days", "call_id", CALLS), KeyDays("chat_days", "chat_id", CHATS))
+KEY_DAYS_BY_NAME: dict[str, KeyDays] = {k.name: k for k in KEY_DAYS}
 
 OFFSETS_DDL = """
 CREATE TABLE IF NOT EXISTS _callstream_offsets (
@@ -268,6 +303,10 @@ CREATE TABLE IF NOT EXISTS _callstream_forgotten (
 """
 
 
-def last_load_seq(con: duckdb.DuckDBPyConnection, tables: Iterable[Table]) -> int:
-    """The highest `_load_seq` in the given tables (0 when empty)."""
-    return max(int(scalar(con, f"SELECT coalesce(max(_load_seq), 0) FROM {t.name}") or 0) for t in tables)
+def last_load_seq(con: duckdb.DuckDBPyConnection, tables: Iterable[Table], above: int = 0) -> int:
+    """The highest `_load_seq` in the given tables above `above` (`above` when none is): loads are
+    appended in sequence, so zone maps skip every older row group."""
+    return max(
+        int(scalar(con, f"SELECT coalesce(max(_load_seq), ?) FROM {t.name} WHERE _load_seq > ?", [above, above]))
+        for t in tables
+    )

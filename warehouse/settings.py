@@ -21,6 +21,8 @@ class SinkSettings(PersonalDataSettings):
     parquet_min_interval_seconds: float = 2.0
     snapshot_retention_seconds: float = 600.0
     parquet_compression: str = "zstd"
+    # How often the running sink checkpoints DuckDB and trims the load ledger to the loads since.
+    checkpoint_seconds: float = 30.0
     # DuckDB's own buffer limit; with the Kafka fetch queue this bounds the sink's memory.
     duckdb_memory_limit: str = "128MB"
     duckdb_threads: int = 2

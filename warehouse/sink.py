@@ -106,6 +106,8 @@ class Sink:
         )
         self._cleaned_seq = 0
         self._status_at = 0.0
+        self._checkpoint_at = time.monotonic()
+        self._rows: dict[str, int] | None = None  # rows per table, kept up to date by each load
         self.publisher = self._publisher()
         group = settings.consumer_group()
         self.consumer = consumer or Consumer(
@@ -261,7 +263,13 @@ class Sink:
         self._seq += 1
         done = self.publisher.done_seq
         published = done if done > self._cleaned_seq else 0
-        rows = sum(write_batch(self.con, self.families, batch, self._seq, published=published).values())
+        written = write_batch(self.con, self.families, batch, self._seq, published=published)
+        rows = sum(written.inserted.values())
+        if self._rows is not None:
+            for name, n in written.inserted.items():
+                self._rows[name] += n
+            for name, n in written.deleted.items():
+                self._rows[name] -= n
         self._cleaned_seq = max(self._cleaned_seq, done)
         if batch.tables:
             self.publisher.poke()
@@ -283,11 +291,13 @@ class Sink:
                     if self._writer_stop.is_set():
                         return
                     self._cleanup_dirty()
+                    self._trim_ledger()
                     self._write_status()
                     continue
                 if batch is None:
                     return
                 self._write(batch)
+                self._trim_ledger()
         except BaseException as exc:  # the consuming thread checks `_writer_error` and stops with it
             log.exception("writing a batch failed")
             self._writer_error = exc
@@ -310,12 +320,35 @@ class Sink:
             run(self.con, "DELETE FROM _callstream_dirty WHERE seq <= ?", [done])
             self._cleaned_seq = done
 
+    def _trim_ledger(self) -> None:
+        """Every `checkpoint_seconds`: check the loads since the last time against the ledger,
+        CHECKPOINT, and forget them, so the ledger stays small however long the sink runs and the
+        start-up check reads only the loads since (DuckDB also checkpoints by itself)."""
+        if time.monotonic() - self._checkpoint_at < self.cfg.checkpoint_seconds:
+            return
+        with self.publisher.between_rounds() as free:
+            if not free:
+                return  # tried again after the next batch
+            # As at start: forget loads only once the tables agree with the ledger. A load found
+            # short stops the sink, and the next start reloads it from Kafka.
+            short = ledger.check(self.con)
+            if short:
+                raise WarehouseError(
+                    f"{'; '.join(map(str, short))}; stopping, the next start reloads these loads from Kafka"
+                )
+            if ledger.forget_checkpointed(self.con, self._seq):
+                self._checkpoint_at = time.monotonic()
+            else:
+                log.debug("the CHECKPOINT did not complete; the load ledger is trimmed after the next batch")
+
     def _write_status(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._status_at < 1.0:
             return
         self._status_at = time.monotonic()
         self.stats.dead_letters = self.dead_letters.count
-        write_status(self.con, self.cfg.warehouse, self.cfg.parquet_dir, self.stats.records, self.stats.dead_letters)
+        if self._rows is None:  # once; then each load adds what it inserted and takes off what it replaced
+            self._rows = {t.name: int(scalar(self.con, f"SELECT count(*) FROM {t.name}")) for t in TABLES}
+        write_status(self.cfg.warehouse, self.cfg.parquet_dir, self._rows, self.stats.records, self.stats.dead_letters)
 
     # -- the consuming thread ----------------------------------------------------------------------
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import orjson
 
-from warehouse.db import scalar
-from warehouse.parquet import current_snapshot
-from warehouse.schema import TABLES
+from warehouse.parquet_folder import current_generation
 
 
 def status_path(warehouse: str) -> Path:
@@ -19,18 +16,15 @@ def status_path(warehouse: str) -> Path:
     return Path(warehouse).with_suffix(".status.json")
 
 
-def write_status(
-    con: duckdb.DuckDBPyConnection, warehouse: str, parquet_dir: str, records: int, dead_letters: int
-) -> None:
-    counts = {t.name: scalar(con, f"SELECT count(*) FROM {t.name}") for t in TABLES}
-    snap = current_snapshot(Path(parquet_dir))
+def write_status(warehouse: str, parquet_dir: str, counts: dict[str, int], records: int, dead_letters: int) -> None:
+    """Write the status file: `counts` are the rows per table (the sink keeps them up to date per load)."""
     status = {
         "warehouse": str(Path(warehouse).resolve()),
-        "tables": counts,
+        "tables": dict(counts),
         "records": records,
         "dead_letters": dead_letters,
         "parquet_dir": str(Path(parquet_dir).resolve()),
-        "parquet_snapshot": snap.name if snap else None,
+        "parquet_snapshot": current_generation(Path(parquet_dir)),
         "updated_at": datetime.now(UTC).isoformat(),
     }
     path = status_path(warehouse)

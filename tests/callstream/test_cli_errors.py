@@ -123,6 +123,7 @@ CASES: dict[str, Case] = {
     "up, dashboard port in use": Case(["up", "--web-port", "{held}"], "--web-port", hold_port=True),
     "kafka start, port in use": Case(["kafka", "start", "--port", "{held}"], "--port", hold_port=True),
     # Java or Maven missing
+    "warehouse compact without a Parquet folder": Case(["warehouse", "compact"], "CALLSTREAM_PARQUET_DIR"),
     "kafka start without java": Case(["kafka", "start"], "java", no_java=True),
     "kafka start without maven": Case(["kafka", "start"], "mvn", no_maven=True),
     "up without java": Case(["up"], "java", no_java=True),

@@ -104,7 +104,12 @@ def loaded_rows(db: Path) -> int:
 
 
 # What the sink says when it stops because DuckDB stored a batch short (warehouse/load.py).
-SHORT_LOAD_STOPS = ("rolled back, so nothing of this batch is stored", "after COMMIT; stopping")
+SHORT_LOAD_STOPS = (
+    "rolled back, so nothing of this batch is stored",
+    "after COMMIT; stopping",
+    # the ledger's check before a periodic CHECKPOINT (warehouse.sink.Sink._trim_ledger)
+    "stopping, the next start reloads these loads",
+)
 
 
 def short_load_stop(said: str) -> str | None:

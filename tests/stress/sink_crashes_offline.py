@@ -180,6 +180,7 @@ def child(args) -> None:
         batch_max_records=args.batch_records,
         batch_max_seconds=0.3,
         parquet_min_interval_seconds=0.3,
+        checkpoint_seconds=1.0,  # the ledger is checked, checkpointed and trimmed many times per run
     )
     import pyarrow as pa
 

@@ -218,7 +218,7 @@ class Stack:
     def audit(self, tally: Tally, survivors: list[Service] | None = None, worker_lost: bool = False) -> Stored:
         """Stop the gateways (the event topics are final then) and check everything against the topics.
 
-        `worker_lost`: a worker died with its host, so differences in the alerts are reported, not
+        `worker_lost`: a worker died with its host, so an alert POSTed twice is reported, not
         asserted (see `_audit_alerts`).
         """
         workers = survivors if survivors is not None else self.workers
@@ -240,17 +240,16 @@ class Stack:
         )
         overall = self.metrics(worker).get("overall", {})
         assert overall.get("calls") == len(stored.calls), (overall.get("calls"), len(stored.calls))
-        self._audit_alerts(stored, exactly_once=not worker_lost)
+        self._audit_alerts(stored, worker_lost)
         self._audit_warehouse(stored)
         self.alive(*workers)
         return stored
 
-    def _audit_alerts(self, stored: Stored, exactly_once: bool) -> None:
-        """Every per-call alert the stored events owe is on the alerts topic, and every alert there
-        was POSTed, each once. Not yet across a lost worker: one that dies with its host between raising an alert,
-        sending it to the topic, POSTing it and recording it in its state can leave the alert off the
-        topic, unposted, or raised again by the worker that takes over. Until the worker makes alerts
-        exactly once, that case is reported (a warning naming each difference), not asserted."""
+    def _audit_alerts(self, stored: Stored, worker_lost: bool) -> None:
+        """Every per-call alert the stored events owe is on the alerts topic once, and every alert
+        there was POSTed, once. Across a lost worker one repost is allowed: the worker that takes
+        over its outbox posts what the lost one may have posted in the instant before it died (with
+        the same `Idempotency-Key`); that is reported as a warning, not asserted."""
         owed = stored.owed_alerts
         assert owed, "the traffic owed no alert: the alert audit would prove nothing"
 
@@ -261,27 +260,17 @@ class Stack:
         def posted() -> Counter[str]:
             return Counter(b["alert"]["id"] for b in self.receiver.received() if b["alert"].get("call_id"))
 
-        if not exactly_once:
-            time.sleep(10)  # what the surviving worker still had to raise and POST
-            alerts, sent = on_topic(), posted()
-            differences = {
-                "owed but not raised": sorted(owed - set(alerts)),
-                "on the topic twice": sorted(a for a, n in alerts.items() if n > 1),
-                "never POSTed": sorted(set(alerts) - set(sent)),
-                "POSTed but not on the topic": sorted(set(sent) - set(alerts)),
-                "POSTed twice": sorted(a for a, n in sent.items() if n > 1),
-            }
-            found = {k: v for k, v in differences.items() if v}
-            if found:
-                warnings.warn(f"alerts across a lost worker are not exactly once yet: {found}", stacklevel=2)
-            return
         wait_for("every owed alert", lambda: owed <= set(on_topic()), 120, lambda: owed - set(on_topic()))
         alerts = on_topic()
         assert {a: n for a, n in alerts.items() if n > 1} == {}, f"alerts on the topic more than once: {alerts}"
         wait_for("every alert POSTed", lambda: set(posted()) >= set(alerts), 60, lambda: set(alerts) - set(posted()))
         sent = posted()
-        assert {a: n for a, n in sent.items() if n > 1} == {}, f"alerts POSTed more than once: {sent}"
         assert set(sent) == set(alerts), f"POSTed but not on the topic: {set(sent) - set(alerts)}"
+        twice = {a: n for a, n in sent.items() if n > 1}
+        if worker_lost and twice:
+            warnings.warn(f"alerts POSTed again by the worker that took over the outbox: {twice}", stacklevel=2)
+            return
+        assert twice == {}, f"alerts POSTed more than once: {sent}"
 
     def _audit_warehouse(self, stored: Stored) -> None:
         assert self.sink is not None
