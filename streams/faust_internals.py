@@ -24,6 +24,8 @@ tests/streams/test_faust_internals.py and test_worker.py cover them):
 - The memory store's `_key_partition` map, by which it forgets revoked partitions' keys
   (`remember_partition`), and which tells a recovered key's partition (`key_partitions`).
 - `ProducerBuffer.max_messages`, the pending sends that stall a stream (`set_producer_buffer`).
+- The aiokafka driver's `Producer._settings_extra()`, the extra `AIOKafkaProducer` settings (Faust
+  asks for idempotence only in transactions): every producer is idempotent here (`Producer`).
 - The aiokafka driver's `Producer._ensure_producer()`, the `AIOKafkaProducer` whose `create_batch`
   and `send_batch` take the changelog writes in bulk; `Producer.flush()`, which Faust awaits
   before committing offsets, flushes that producer too (`kafka_producer`).
@@ -235,8 +237,20 @@ class LeanMonitor(Monitor):
         return None
 
 
+class Producer(faust_aiokafka.Producer):
+    """Faust's producer, idempotent: a send retried after a broker failed is written once.
+
+    Without it a request the dying broker had written already was written again: an alert on the
+    alerts topic twice, a changelog record twice.
+    """
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
+    Producer = Producer
 
 
 class TableManager(faust.tables.TableManager):
