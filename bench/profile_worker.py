@@ -59,17 +59,17 @@ def py_spy() -> str:
 
 # The stages, in the order the table lists them.
 FETCH = "fetch and record parsing (aiokafka: network, lz4, record batches)"
-FAUST = "Faust's event and stream machinery (consumer, conductor, stream, events, acks)"
-LOOP = "asyncio event loop (callbacks, futures, transports)"
-ADAPT = "worker: Faust event -> EventMessage (headers)"
+FAUST = "Faust's consumer: each fetch handed to the worker, acks (the changelog's messages in a recovery)"
+LOOP = "event loop (uvloop: callbacks, futures, sockets)"
+ADAPT = "worker: record -> EventMessage (headers)"
 DECODE = "decoding the body (`decode_body`)"
 STATE = "per-call state change (state read/decode, `apply_event`, batch)"
 METRICS = "metrics (`Effects` into the books' Aggs)"
 CHANGELOG = "changelog writes (encode, table, producer)"
 COMMIT = "offset commits and group coordination"
-ALERTS = "alerts"
+ALERTS = "alerts (rules; the outbox: publish, post, tombstone)"
 WEB = "web server and JSON API (the benchmark's polls)"
-NATIVE = "native threads (librdkafka: the alert feed's consumer)"
+NATIVE = "native threads (librdkafka: the alert feed's consumer; libuv's)"
 OTHER = "other"
 STAGES = (FETCH, FAUST, LOOP, ADAPT, DECODE, STATE, METRICS, CHANGELOG, COMMIT, ALERTS, WEB, NATIVE, OTHER)
 
@@ -183,12 +183,21 @@ def _frame_stage(f: Frame) -> str | None:
 # The event loop's dispatch: frames above it (the Faust worker that runs the loop) say nothing
 # about the callback or task step below.
 _DISPATCH = {("events.py", "_run"), ("base_events.py", "_run_once"), ("base_events.py", "run_forever")}
+# Where mode runs an event loop (Faust's consumer thread's, and the worker's own): under uvloop,
+# which runs in C, the loop's callbacks and task steps sit right below these.
+_RUNNERS = {("threads.py", "_start_thread"), ("worker.py", "execute_from_commandline")}
 
 
 def stage_of(frames: list[Frame]) -> str:
     """The stage of one stack (root first): the innermost frame that tells, below the loop's dispatch."""
+    if frames and (Path(frames[-1].file).name, frames[-1].func) in _RUNNERS:
+        # uvloop runs in C: nothing below the call that runs it is Python, so this is the loop's own
+        # work; on Faust's consumer thread (a mode ServiceThread) its sockets carry the fetches.
+        return FETCH if frames[-1].file.endswith("/mode/threads.py") else LOOP
+    if any(f.file.endswith("/streams/outbox.py") for f in frames):
+        return ALERTS  # its sends and tombstones too: an alert's delivery, not a batch's writes
     for f in reversed(frames):
-        if (Path(f.file).name, f.func) in _DISPATCH:
+        if (Path(f.file).name, f.func) in _DISPATCH or (Path(f.file).name, f.func) in _RUNNERS:
             return _loop_stage(frames)
         stage = _frame_stage(f)
         if stage is not None:
@@ -303,7 +312,7 @@ def analyse(capture: Capture) -> Profile:
         prof.samples += total
         prof.threads.append((name, cpu, total))
         if not total:
-            prof.stages[NATIVE if comm.startswith("rdk:") else OTHER] += cpu
+            prof.stages[NATIVE if comm.startswith(("rdk:", "libuv", "uvloop")) else OTHER] += cpu
             continue
         for frames, n in samples:
             share = cpu * n / total
@@ -375,6 +384,8 @@ def capture_mix(bootstrap: str, mix: Mix, events: int, rate: int, tmp: Path) -> 
             if spy.poll() is None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
+    if n0 >= exp.distinct:
+        raise SystemExit(f"[{mix.name}] the worker drained the topics before py-spy started: pre-fill more events")
     messages = (exp.distinct - n0) * exp.messages / exp.distinct
     cl_messages, cl_bytes = changelog_volume(bootstrap, prefix)
     return Capture(
@@ -438,7 +449,13 @@ def report(profiles: list[Profile]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=60_000, help="messages pre-filled per mix")
+    ap.add_argument("--events", type=int, default=60_000, help="messages pre-filled per mix of large events")
+    ap.add_argument(
+        "--small-events",
+        type=int,
+        default=300_000,
+        help="messages pre-filled for the small mix (the worker reads a few seconds' worth before py-spy attaches)",
+    )
     ap.add_argument("--mixes", default="small,analyzed", help=f"comma-separated, of {', '.join(MIXES)}")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--save", type=Path, help="keep each mix's capture (stacks, thread CPU) in this folder")
@@ -452,7 +469,10 @@ def main() -> None:
         load_before = os.getloadavg()
         started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         with tempfile.TemporaryDirectory(prefix="bench-profile-") as d, broker(Path(d)) as bootstrap:
-            captures = [capture_mix(bootstrap, MIXES[m], args.events, args.rate, Path(d)) for m in names]
+            captures = [
+                capture_mix(bootstrap, MIXES[m], args.small_events if m == "small" else args.events, args.rate, Path(d))
+                for m in names
+            ]
         header = (
             f"`python -m bench.profile_worker` on {started}; {machine()}; load average {load_before[0]:.1f} at the "
             f"start, {os.getloadavg()[0]:.1f} at the end."

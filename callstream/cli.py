@@ -217,13 +217,14 @@ def worker(ctx: click.Context, web_host: str | None, web_port: int | None) -> No
     CALLSTREAM_ALERT_JSON_URL). Workers with the same topic prefix share the partitions.
     """
     from streams.settings import WorkerSettings
-    from streams.worker import Worker
+    from streams.worker import Worker, use_uvloop
 
     overrides: dict[str, object] = {
         k: v for k, v in {"web_host": web_host, "web_port": web_port}.items() if v is not None
     }
     cfg = WorkerSettings.model_validate(overrides)
     require_free(cfg.web_host, cfg.web_port, "the worker's dashboard", "--web-port or CALLSTREAM_WEB_PORT")
+    use_uvloop()
     worker = Worker(cfg)
     click.echo(f"worker: dashboard http://{cfg.web_host}:{cfg.web_port}/ ; kafka {cfg.kafka_bootstrap}", err=True)
     worker.run(loglevel=ctx.obj["log_level"])

@@ -5,6 +5,13 @@ tests/streams/test_faust_internals.py and test_worker.py cover them):
 
 - `mode.Service.wait_first(coro, flow.wait())` is how Faust's fetch loop hands a message to the
   streams, and `Service._stopped` / `_crashed` are the events it stops on (`FastWaitFirst`).
+- `Consumer._wait_next_records(timeout)` returns each fetch's records per TP (aiokafka
+  `ConsumerRecord`s) and the active partitions, before Faust makes them messages (`Consumer`).
+- `Consumer.flow_active`, `_buffered_partitions`, `_read_offset`, `_committed_offset`, `_acked`,
+  `_acked_index`, `_n_acked`, `_commit_every`: the fetch loop's filters and the acks its commits
+  read (`Consumer._take`, `_ack_through`).
+- `Consumer.wait_empty()` is what a rebalance and a stop wait on before committing (`Consumer`).
+- `Monitor.stream_inbound_time`, which Faust's livelock check reads per partition (`Consumer._take`).
 - `faust.transport.drivers.aiokafka.Consumer.seek_to_committed` and its `_thread` (an
   `AIOKafkaConsumerThread` with `call_thread` and `_ensure_consumer()`): partitions without a
   committed offset are sought to their beginning there (`Consumer`).
@@ -17,10 +24,20 @@ tests/streams/test_faust_internals.py and test_worker.py cover them):
 - The memory store's `_key_partition` map, by which it forgets revoked partitions' keys
   (`remember_partition`), and which tells a recovered key's partition (`key_partitions`).
 - `ProducerBuffer.max_messages`, the pending sends that stall a stream (`set_producer_buffer`).
+- The aiokafka driver's `Producer._settings_extra()`, the extra `AIOKafkaProducer` settings (Faust
+  asks for idempotence only in transactions): every producer is idempotent here (`Producer`).
+- The aiokafka driver's `Producer._ensure_producer()`, the `AIOKafkaProducer` whose `create_batch`
+  and `send_batch` take the changelog writes in bulk; `Producer.flush()`, which Faust awaits
+  before committing offsets, flushes that producer too (`kafka_producer`).
 - `mode.Worker._schedule_shutdown`, the clean stop a signal starts (`stop_worker`), and
   `execute_from_commandline` ending in `SystemExit` with the crash's status (`run_worker`).
 - The aiohttp driver's `Web.web_app`, where the read side's token check sits in front of every
   route (`add_web_middleware`).
+
+The event topics skip Faust's messages, conductor and streams altogether (`App.take_batches`):
+each fetch's records of those topics go to one handler whole, and are acked through the last
+offset per partition once it returns; Faust's own commits, rebalances and table recovery take it
+from there. The rest (the changelog during recovery) takes Faust's usual path.
 
 Faust's message hand-off, in detail: its fetch loop hands every message to the streams with
 `await consumer.wait_first(callback(message), suspend_flow.wait())`: four tasks and an
@@ -35,7 +52,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
+from time import monotonic
 from typing import Any, cast
 
 import faust
@@ -92,7 +110,90 @@ class FastWaitFirst(Service):
         return await super().wait_first(*coros, timeout=timeout)
 
 
+# A fetch's records of the batch topics, per partition, in offset order: aiokafka `ConsumerRecord`s.
+Records = Mapping[TP, Sequence[Any]]
+BatchHandler = Callable[[Records], Awaitable[None]]
+
+
 class Consumer(FastWaitFirst, faust_aiokafka.Consumer):
+    _idle: asyncio.Event | None = None
+
+    async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
+        """Faust's fetch, with the batch topics' records taken out and handed to the app's handler."""
+        records, active = await super()._wait_next_records(timeout)
+        app = cast(App, self.app)
+        if records and app.batch_handler is not None:
+            topics = app.batch_topics
+            taken = {tp: recs for tp, recs in records.items() if tp.topic in topics}
+            if taken:
+                records = {tp: recs for tp, recs in records.items() if tp.topic not in topics}
+                # Not while the flow is stopped (a rebalance): Faust seeks back to the committed offsets.
+                if self.flow_active and not self.should_stop:
+                    await self._take(app.batch_handler, taken, active)
+        return records, active
+
+    async def _take(self, handler: BatchHandler, records: Records, active: Any) -> None:
+        read = self._read_offset
+        batch: dict[TP, Sequence[Any]] = {}
+        for tp, recs in records.items():
+            if active is not None and tp not in active and tp not in self._buffered_partitions:
+                continue
+            start = read[tp]
+            if start is not None and recs and recs[0].offset < start:  # as Faust drops them: read already
+                recs = [r for r in recs if r.offset >= start]
+            if recs:
+                batch[tp] = recs
+        if not batch:
+            return
+        idle = self._idle_event()
+        idle.clear()
+        try:
+            await handler(batch)
+        except Exception as exc:
+            # Skipping the batch would lose its events, and retrying it would fail the same way.
+            await self.crash(exc)
+            raise
+        finally:
+            idle.set()
+        inbound, now = self.app.monitor.stream_inbound_time, monotonic()
+        for tp, recs in batch.items():
+            self._ack_through(tp, recs[0].offset, recs[-1].offset)
+            read[tp] = recs[-1].offset
+            inbound[tp] = now
+        every = self._commit_every
+        if every is not None and self._n_acked >= every:
+            self._n_acked = 0
+            await self.commit()
+
+    def _ack_through(self, tp: TP, first: int, last: int) -> None:
+        """Ack every offset up to `last` not acked or committed yet, the gaps (transaction markers) too."""
+        start = first
+        read = self._read_offset[tp]
+        if read and first > read + 1:
+            start = read + 1
+        committed = self._committed_offset[tp]
+        if committed is not None:
+            start = max(start, committed)
+        acked = self._acked[tp]
+        if acked:
+            start = max(start, acked[-1] + 1)
+        if last >= start:
+            span = range(start, last + 1)
+            acked.extend(span)
+            self._acked_index[tp].update(span)
+            self._n_acked += len(span)
+
+    def _idle_event(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            self._idle.set()
+        return self._idle
+
+    async def wait_empty(self) -> None:
+        """Wait for the batch being handled too, as Faust waits for its streams' unacked messages."""
+        await self._idle_event().wait()
+        await super().wait_empty()
+
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Seek to the committed offsets, and partitions with none (or 0) to their beginning.
 
@@ -136,8 +237,20 @@ class LeanMonitor(Monitor):
         return None
 
 
+class Producer(faust_aiokafka.Producer):
+    """Faust's producer, idempotent: a send retried after a broker failed is written once.
+
+    Without it a request the dying broker had written already was written again: an alert on the
+    alerts topic twice, a changelog record twice.
+    """
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
+    Producer = Producer
 
 
 class TableManager(faust.tables.TableManager):
@@ -213,6 +326,18 @@ class App(faust.App):
         kwargs.setdefault("TableManager", TableManager)
         super().__init__(id, **kwargs)
         self.gate: TopicGate | None = None
+        self.batch_topics: frozenset[str] = frozenset()
+        self.batch_handler: BatchHandler | None = None
+
+    def take_batches(self, topic: faust.TopicT, handler: BatchHandler) -> None:
+        """Subscribe to `topic`, and hand each fetch's records of it to `handler` instead of to streams.
+
+        `handler` returning means the records are processed: they are acked (and committed with
+        Faust's next commit). A rebalance or a stop waits for the batch being handled.
+        """
+        self.batch_topics = frozenset(topic.topics)
+        self.batch_handler = handler
+        self.topics.add(topic)
 
     def gate_start(self, wait: Callable[[threading.Event], None], on_error: Callable[[Exception], None]) -> None:
         """Start the producer, consumer and tables only once `wait` returns (see TopicGate)."""
@@ -262,6 +387,11 @@ def remember_partition(table: Any, key: bytes, partition: int | None) -> None:
 def key_partitions(table: Any) -> Mapping[bytes, int]:
     """The memory store's key -> partition map: recovered keys and the ones `remember_partition` named."""
     return cast(Mapping[bytes, int], getattr(table.data, "_key_partition", {}))
+
+
+def kafka_producer(app: faust.App) -> Any:
+    """The started app's aiokafka producer (an `AIOKafkaProducer`), under Faust's own producer."""
+    return cast(faust_aiokafka.Producer, app.producer)._ensure_producer()
 
 
 def set_producer_buffer(app: faust.App, max_messages: int) -> None:

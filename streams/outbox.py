@@ -4,7 +4,8 @@ The processor writes every alert it raises as an outbox entry, `a:<p>:<alert id>
 commit as the call state that remembers it was raised, so a batch processed again after a crash
 raises nothing twice. The outbox delivers an entry only once its batch's changelog writes are
 acknowledged: it publishes the alert to `<prefix>.alerts` (and waits for the broker), posts it to
-the alert routes (until the sender is done with it), then deletes the entry with a tombstone.
+the alert routes (until the sender is done with it), then deletes the entry with a tombstone. A
+batch's entries of one partition go together: published at once, posted, deleted in one write.
 
 After a crash or a rebalance, the worker that owns a partition finds its entries in the recovered
 table. Any of them may have been published already: their ids are looked up on the alerts topic
@@ -48,6 +49,9 @@ class OutboxStore(Protocol):
 
     async def write_now(self, partition: int, key: bytes, value: bytes | None) -> asyncio.Future[Any]: ...
 
+    async def delete_now(self, partition: int, keys: list[bytes]) -> asyncio.Future[Any]:
+        """Delete the keys and send their tombstones to the changelog at once; the future of the last."""
+
 
 class Poster(Protocol):
     """The alert routes' sender: `submit` never blocks; `on_done(alert)` is called once it is done with one."""
@@ -81,12 +85,12 @@ class Outbox:
     def __init__(
         self,
         store: OutboxStore,
-        publish: Callable[[Alert], Awaitable[None]],
+        publish: Callable[[list[Alert]], Awaitable[None]],
         poster: Poster,
         published_since: Callable[[int], set[str]],
     ) -> None:
         self.store = store
-        self.publish = publish
+        self.publish = publish  # puts alerts on the alerts topic and waits until the broker has them all
         self.poster = poster
         self.published_since = published_since  # ids on the alerts topic since a unix ms (blocking)
         poster.on_done = self._posted
@@ -144,8 +148,7 @@ class Outbox:
         except Exception as exc:  # the worker stops on a failed changelog write (TableStore)
             log.error("alerts not delivered: their batch's changelog write failed: %s", exc)
             return
-        for entry in entries:
-            self._start(entry)
+        self._start(entries)
 
     async def _check_then_deliver(self, found: list[tuple[_Entry, int]]) -> None:
         since = min(raised for _, raised in found) - _LOOK_BACK_MS
@@ -157,11 +160,17 @@ class Outbox:
         for entry, _ in found:
             entry.published = entry.alert.id in on_topic
             self.already_published += entry.published
-            if self._entries.get(entry.key) is entry:
-                self._start(entry)
+        self._start([entry for entry, _ in found if self._entries.get(entry.key) is entry])
 
-    def _start(self, entry: _Entry) -> None:
-        entry.task = self._spawn(self._deliver(entry))
+    def _start(self, entries: list[_Entry]) -> None:
+        """Deliver `entries`, one task per partition (a rebalance cancels a partition's)."""
+        by_partition: dict[int, list[_Entry]] = {}
+        for entry in entries:
+            by_partition.setdefault(entry.partition, []).append(entry)
+        for partition, group in by_partition.items():
+            task = self._spawn(self._deliver(partition, group))
+            for entry in group:
+                entry.task = task
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
@@ -169,34 +178,50 @@ class Outbox:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _deliver(self, entry: _Entry) -> None:
-        alert = entry.alert
+    async def _deliver(self, partition: int, entries: list[_Entry]) -> None:
+        """Publish what is not on the alerts topic yet, post, then delete the entries (one write)."""
+        posting: list[str] = []
         try:
-            if not entry.published:
-                await self.publish(alert)
-                entry.published = True
-            if self.poster.posts(alert):
-                done = self._posting[alert.id] = asyncio.get_running_loop().create_future()
-                self.poster.submit(alert)
-                await done
-            written = await self.store.write_now(entry.partition, entry.key, None)
-            self._remember(entry.key)
+            unpublished = [entry for entry in entries if not entry.published]
+            if unpublished:
+                await self.publish([entry.alert for entry in unpublished])
+                for entry in unpublished:
+                    entry.published = True
+            await self._post([entry.alert for entry in entries], posting)
+            written = await self.store.delete_now(partition, [entry.key for entry in entries])
+            for entry in entries:
+                self._remember(entry.key)
             await written
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.error(
-                "alert %s not delivered: %s; the next recovery of partition %d retries it",
-                alert.id,
+                "%d alerts (%s) not delivered: %s; the next recovery of partition %d retries them",
+                len(entries),
+                entries[0].alert.id,
                 exc,
-                entry.partition,
+                partition,
             )
             return
         finally:
-            self._posting.pop(alert.id, None)
-        if self._entries.get(entry.key) is entry:
-            del self._entries[entry.key]
-        self.delivered += 1
+            for alert_id in posting:
+                self._posting.pop(alert_id, None)
+        for entry in entries:
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+        self.delivered += len(entries)
+
+    async def _post(self, alerts: list[Alert], posting: list[str]) -> None:
+        """Submit the alerts the routes take, and wait until the sender is done with each."""
+        waits = []
+        for alert in alerts:
+            if self.poster.posts(alert):
+                done = self._posting[alert.id] = asyncio.get_running_loop().create_future()
+                posting.append(alert.id)
+                self.poster.submit(alert)
+                waits.append(done)
+        for done in waits:
+            await done
 
     def _posted(self, alert: Alert) -> None:
         fut = self._posting.get(alert.id)

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import faust
 
-from streams.faust_internals import key_partitions, remember_partition
+from streams.faust_internals import kafka_producer, key_partitions, remember_partition
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,48 @@ class TableStore:
     async def flush(self) -> dict[int, asyncio.Future[Any]]:
         """Hand the batch's writes to the Kafka producer, in order, before the batch is acked.
 
-        They go straight to the producer, not through Faust's `Topic.send` (a future, a pending
-        message and a callback per write, a noticeable share of the worker's CPU): the producer
-        flush that precedes every offset commit still covers them, and the memory store keeps no
-        persisted offsets for the callback to record. Returns, per partition, the future of its
-        last write: the producer keeps a partition's writes in order, so once it is acknowledged
-        they all are.
+        Each partition's writes go in bulk, as record batches built here (`create_batch` and
+        `send_batch` of aiokafka's producer), not one `send` each (a future, a pending message and
+        a callback per write, a noticeable share of the worker's CPU): the producer flush that
+        precedes every offset commit still covers them, and the memory store keeps no persisted
+        offsets for a callback to record. Returns, per partition, the future of its last record
+        batch: the producer keeps a partition's batches in order, so once it is acknowledged they
+        all are.
         """
-        send, name, pending = self.app.producer.send, self.table.changelog_topic.get_topic_name(), self.pending
-        self.pending = []
+        pending, self.pending = self.pending, []
+        return await self._send_all(pending)
+
+    async def _send_all(self, writes: list[tuple[int, bytes, bytes | None]]) -> dict[int, asyncio.Future[Any]]:
+        if not writes:
+            return {}
+        producer, name = kafka_producer(self.app), self.table.changelog_topic.get_topic_name()
+        builders: dict[int, Any] = {}
         last: dict[int, asyncio.Future[Any]] = {}
-        for partition, key, value in pending:
-            fut = cast(asyncio.Future[Any], await send(name, key, value, partition, None, None))
-            fut.add_done_callback(self._sent)
-            last[partition] = fut
+        for partition, key, value in writes:
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+            if builder.append(timestamp=None, key=key, value=value) is None:  # full: send it, start the next
+                last[partition] = await self._send_batch(producer, builder, name, partition)
+                builder = builders[partition] = producer.create_batch()
+                builder.append(timestamp=None, key=key, value=value)  # a batch's first record always fits
+        for partition, builder in builders.items():
+            last[partition] = await self._send_batch(producer, builder, name, partition)
         return last
+
+    async def _send_batch(self, producer: Any, builder: Any, name: str, partition: int) -> asyncio.Future[Any]:
+        builder.close()  # nothing else (the outbox's single sends) joins it: its records stay in order
+        fut = cast(asyncio.Future[Any], await producer.send_batch(builder, name, partition=partition))
+        fut.add_done_callback(self._sent)
+        return fut
+
+    async def delete_now(self, partition: int, keys: list[bytes]) -> asyncio.Future[Any]:
+        """Delete keys and send their tombstones to the changelog at once, in one record batch (the
+        outbox's deliveries); the future of the last."""
+        for key in keys:
+            self.restore(partition, key, None)
+        sent = await self._send_all([(partition, key, None) for key in keys])
+        return sent[partition]
 
     async def write_now(self, partition: int, key: bytes, value: bytes | None) -> asyncio.Future[Any]:
         """Set a key and send it to the changelog at once, outside any batch (the outbox's deletions)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import gc
 import logging
 import threading
 import time
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import mode.loop
 from faust.types import TP
 
 from kernel.catalogue import UNKNOWN, Header
@@ -19,7 +20,7 @@ from streams.alertroutes import routing
 from streams.alertrules import RATE_RULE, load_config
 from streams.alerts import AlertFeed, WebhookSender, encode_alert, failure_rate_alerts
 from streams.errors import StateUnreadable, StreamsError, WorkerStopped
-from streams.faust_internals import App, FaustWorker, set_partitions, set_producer_buffer, set_replication
+from streams.faust_internals import App, FaustWorker, Records, set_partitions, set_producer_buffer, set_replication
 from streams.groupview import GroupView
 from streams.lifetime import Lifetime
 from streams.memory import release_free_memory
@@ -34,6 +35,14 @@ from streams.topics import TABLE, WorkerTopics, await_partitions
 from streams.web import Pages, register_pages
 
 log = logging.getLogger(__name__)
+
+
+def use_uvloop() -> None:
+    """Run the worker on uvloop (cheaper callbacks, futures and sockets than asyncio's own loop).
+
+    Call it before the Worker is built: mode and Faust take the loop the policy gives then.
+    """
+    mode.loop.use("uvloop")
 
 
 class Worker:
@@ -81,9 +90,12 @@ class Worker:
             self.processor, settings.topic_partitions, url, self.active_partitions, self._peers, self._is_ready, tokens
         )
         self.group_lag = GroupLag(settings.kafka_bootstrap, self.app.conf.id)
-        self.agent = _add_agent(self)
+        self.app.take_batches(
+            self.app.topic(*self.topics.sources, value_type=bytes, key_type=bytes), self.process_records
+        )
         self._last_rate_alert: dict[str, int] = {}
         self._faust_worker: FaustWorker | None = None
+        self._frozen = False
         self.app.gate_start(self._await_topics, self._gate_failed)
         self._connect()
         pages = Pages(
@@ -181,9 +193,23 @@ class Worker:
                 )
             )
             await asyncio.get_running_loop().create_future()  # hold the recovery until the stop cancels it
+        if not self._frozen:
+            # What start-up allocated lives as long as the worker: keep it out of every later collection.
+            gc.freeze()
+            self._frozen = True
         self.readiness.ready()
 
-    # -- what the app's agent, tasks and pages call ------------------------------------------------
+    # -- what the app's consumer, tasks and pages call ---------------------------------------------
+
+    async def process_records(self, records: Records) -> None:
+        """One fetch of the event topics: through the processor, its state writes to the producer,
+        its alerts to the outbox once those are acknowledged. The consumer acks the records after."""
+        messages = [_event_message(r) for recs in records.values() for r in recs]
+        async with self.state_lock:
+            raised = self.processor.process_by_partition(messages)
+            written = await self.store.flush()
+        for partition, alerts in raised.items():
+            self.outbox.committed(partition, alerts, written.get(partition))
 
     def active_partitions(self) -> set[int]:
         source = self.topics.sources[0]
@@ -238,10 +264,12 @@ class Worker:
             if self.readiness.is_ready and self.processor.tick(self.active_partitions()):
                 await self.store.flush()
 
-    async def _publish(self, alert: Alert) -> None:
-        """Put an alert on `<prefix>.alerts` and wait until the broker has it."""
-        send = self.app.producer.send
-        await (await send(self.topics.alerts, alert.id.encode(), encode_alert(alert), None, None, None))
+    async def _publish(self, alerts: list[Alert]) -> None:
+        """Put alerts on `<prefix>.alerts` and wait until the broker has them all."""
+        send, topic = self.app.producer.send, self.topics.alerts
+        sent = [await send(topic, alert.id.encode(), encode_alert(alert), None, None, None) for alert in alerts]
+        for fut in sent:
+            await fut
 
     def _published_since(self, since_ms: int) -> set[str]:
         return ids_on_topic(self.settings.kafka_bootstrap, self.topics.alerts, since_ms)
@@ -301,10 +329,11 @@ def _new_app(cfg: WorkerSettings) -> App:
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=cfg.batch_size * 4,
-        # On a rebalance Faust must wait for the batch the agent holds before it recovers the
-        # table: recovery replays the changelog into the same in-memory table, and a batch
-        # processed during the replay would have its writes overwritten by older values while
-        # its offsets are still committed, so its events would be lost from the live totals.
+        # On a rebalance Faust must wait for the batch being processed before it recovers the
+        # table (the consumer's wait_empty waits for it): recovery replays the changelog into the
+        # same in-memory table, and a batch processed during the replay would have its writes
+        # overwritten by older values while its offsets are still committed, so its events would
+        # be lost from the live totals.
         stream_wait_empty=True,
         broker_commit_every=cfg.batch_size * 4,
         web_router_enabled=True,
@@ -318,44 +347,24 @@ def _new_app(cfg: WorkerSettings) -> App:
         # Event bodies run to 30 KB: aiokafka's default 1 MB per partition and fetch would hand
         # the stream a few dozen call_analyzed at a time.
         consumer_max_fetch_size=8 * 1_048_576,
-        broker_max_poll_records=cfg.batch_size * 2,
+        broker_max_poll_records=cfg.batch_size,
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=max(1.0, cfg.session_timeout_s / 4),
     )
 
 
-def _add_agent(worker: Worker) -> Any:
-    """The one agent: every event topic, in batches, through the processor, then the state writes out."""
-    app, cfg = worker.app, worker.settings
-    source = app.topic(*worker.topics.sources, value_type=bytes, key_type=bytes)
-
-    async def process(stream: Any) -> None:
-        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
-            async with worker.state_lock:
-                raised = worker.processor.process_by_partition([_event_message(e.message) for e in events])
-                written = await worker.store.flush()
-            for partition, alerts in raised.items():
-                worker.outbox.committed(partition, alerts, written.get(partition))
-
-    return app.agent(source)(process)
-
-
-def _event_message(message: Any) -> EventMessage:
-    """The event name (the gateway's `event` header, else the topic's suffix) and `received_at` ms."""
-    name, at = "", 0
-    for header, value in message.headers or ():
-        if header == Header.EVENT:
-            name = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        elif header == Header.RECEIVED_AT:
-            with contextlib.suppress(TypeError, ValueError):
-                at = int(value)
-    if not name:
-        name = message.topic.rpartition(".")[2] or UNKNOWN
+def _event_message(record: Any) -> EventMessage:
+    """An aiokafka record's event name (the gateway's `event` header, else the topic's suffix) and
+    `received_at` ms (the header, else the record's timestamp)."""
+    headers = dict(record.headers) if record.headers else {}
+    raw = headers.get(Header.EVENT)
+    name = raw.decode(errors="replace") if raw else record.topic.rpartition(".")[2] or UNKNOWN
+    raw = headers.get(Header.RECEIVED_AT)
+    at = int(raw) if raw and raw.isdigit() else 0
     if not at:
-        ts = message.timestamp
-        at = int(ts * 1000) if ts else int(time.time() * 1000)
-    key = message.key if isinstance(message.key, bytes) else str(message.key or "").encode()
-    return EventMessage(message.partition, name, key, message.value or b"", at, message.topic, message.offset)
+        at = int(record.timestamp) if record.timestamp else int(time.time() * 1000)
+    key = record.key if isinstance(record.key, bytes) else str(record.key or "").encode()
+    return EventMessage(record.partition, name, key, record.value or b"", at, record.topic, record.offset)
 
 
 def _raised(alert: Alert) -> None:

@@ -1,6 +1,6 @@
 """What the worker changes in Faust: the cheaper message hand-off gives the same results as mode's
 `wait_first`, partitions without a committed offset are read from their beginning, queued messages
-survive a resumed flow."""
+survive a resumed flow, the event topics' fetches go to the batch handler whole and are acked."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 import pytest
+from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 from mode import Service
 
-from streams.faust_internals import Consumer, FastWaitFirst, LeanMonitor, TableManager
+from streams.faust_internals import App, Consumer, FastWaitFirst, LeanMonitor, Records, TableManager
 from streams.settings import WorkerSettings
 from streams.worker import Worker
 
@@ -153,3 +154,118 @@ async def test_resuming_the_flow_keeps_queued_messages_but_empties_the_changelog
     app.flow_control.resume()
     assert channel_queue.qsize() == 1
     assert changelog_queue.qsize() == 0
+
+
+def _records(topic: str, partition: int, offsets: list[int]) -> list[ConsumerRecord[bytes, bytes]]:
+    return [ConsumerRecord(topic, partition, o, 0, 0, b"k", b"v", None, 1, 1, []) for o in offsets]
+
+
+class Fetches:
+    """The worker's app with Faust's fetch replaced by the given record maps, and a recording handler."""
+
+    def __init__(self, prefix: str) -> None:
+        self.app = cast(App, Worker(WorkerSettings(kafka_bootstrap="127.0.0.1:1", topic_prefix=prefix)).app)
+        self.app.finalize()
+        self.handled: list[dict[TP, list[int]]] = []
+        self.app.batch_handler = self.handle
+        self.consumer = cast(Consumer, self.app.consumer)
+        self.commits = 0
+
+        async def commit(*args: Any, **kwargs: Any) -> bool:
+            self.commits += 1
+            return True
+
+        self.consumer.commit = commit  # type: ignore[method-assign]
+
+    async def handle(self, records: Records) -> None:
+        self.handled.append({tp: [r.offset for r in recs] for tp, recs in records.items()})
+
+    async def fetch(self, records: dict[TP, list[ConsumerRecord[bytes, bytes]]], *, rebalance: bool = False) -> Any:
+        async def getmany(active_partitions: Any, timeout: float) -> Any:
+            if rebalance:  # one starts while the fetch waits: Faust stops the flow
+                self.consumer.stop_flow()
+            return records
+
+        self.consumer._getmany = getmany  # type: ignore[method-assign]
+        self.consumer._get_active_partitions = lambda: set(records)  # type: ignore[method-assign]
+        rest, _ = await self.consumer._wait_next_records(0.1)
+        return rest
+
+
+@sync
+async def test_a_fetch_of_the_event_topics_goes_to_the_handler_whole_and_is_acked() -> None:
+    f = Fetches("tbatch")
+    started, ended, changelog = TP("tbatch.call_started", 0), TP("tbatch.call_ended", 1), TP("other", 0)
+    other = _records("other", 0, [5])
+    rest = await f.fetch(
+        {started: _records(started.topic, 0, [0, 1, 2]), ended: _records(ended.topic, 1, [7]), changelog: other}
+    )
+    assert f.handled == [{started: [0, 1, 2], ended: [7]}]
+    assert rest == {changelog: other}  # the rest takes Faust's usual path
+    c = f.consumer
+    assert c._acked[started] == [0, 1, 2] and c._acked[ended] == [7]
+    assert c._new_offset(started) == 3 and c._new_offset(ended) == 8
+    assert (c._read_offset[started], c._read_offset[ended]) == (2, 7)
+
+
+@sync
+async def test_gaps_are_acked_and_records_read_already_are_not_handled_again() -> None:
+    f = Fetches("tgap")
+    tp = TP("tgap.call_started", 0)
+    await f.fetch({tp: _records(tp.topic, 0, [0, 1])})
+    await f.fetch({tp: _records(tp.topic, 0, [1, 4, 5])})  # 1 again; 2 and 3 are transaction markers
+    assert f.handled == [{tp: [0, 1]}, {tp: [1, 4, 5]}]  # Faust hands the last one read again too
+    assert f.consumer._acked[tp] == [0, 1, 2, 3, 4, 5]  # each offset once, the markers included
+    assert f.consumer._new_offset(tp) == 6
+    f.consumer._read_offset[tp] = 10  # sought past them
+    await f.fetch({tp: _records(tp.topic, 0, [6, 7])})
+    assert len(f.handled) == 2
+
+
+@sync
+async def test_a_fetch_that_a_rebalance_stopped_is_not_handled_and_a_full_ack_count_commits() -> None:
+    f = Fetches("tflowstop")
+    tp = TP("tflowstop.call_started", 0)
+    await f.fetch({tp: _records(tp.topic, 0, [0, 1])}, rebalance=True)
+    assert f.handled == [] and not f.consumer._acked[tp]
+    f.consumer.resume_flow()
+    f.consumer._commit_every = 3
+    await f.fetch({tp: _records(tp.topic, 0, [0, 1])})
+    assert f.commits == 0
+    await f.fetch({tp: _records(tp.topic, 0, [2])})
+    assert f.commits == 1
+
+
+@sync
+async def test_waiting_for_the_streams_to_empty_waits_for_the_batch_being_handled() -> None:
+    f = Fetches("twait")
+    tp = TP("twait.call_started", 0)
+    release = asyncio.Event()
+
+    async def slow(records: Records) -> None:
+        await release.wait()
+
+    f.app.batch_handler = slow
+    fetch = asyncio.ensure_future(f.fetch({tp: _records(tp.topic, 0, [0])}))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(f.consumer.wait_empty())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    release.set()
+    await fetch
+    await waiting
+
+
+@sync
+async def test_a_batch_that_fails_crashes_the_consumer_and_is_not_acked() -> None:
+    f = Fetches("tfail")
+    tp = TP("tfail.call_started", 0)
+
+    async def fails(records: Records) -> None:
+        raise RuntimeError("the processor failed")
+
+    f.app.batch_handler = fails
+    with pytest.raises(RuntimeError):
+        await f.fetch({tp: _records(tp.topic, 0, [0, 1])})
+    assert f.consumer._crashed.is_set()
+    assert not f.consumer._acked[tp]

@@ -15,8 +15,20 @@ NOW = 1_790_000_000_000
 
 
 class Store(DictStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.deletes: list[tuple[int, list[bytes]]] = []
+
     async def write_now(self, partition: int, key: bytes, value: bytes | None) -> asyncio.Future[Any]:
         self.put(partition, key, value)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    async def delete_now(self, partition: int, keys: list[bytes]) -> asyncio.Future[Any]:
+        self.deletes.append((partition, list(keys)))
+        for key in keys:
+            self.put(partition, key, None)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
@@ -46,8 +58,8 @@ def _alert(n: int) -> Alert:
 def _outbox(store: Store, poster: Poster, on_topic: set[str]) -> tuple[Outbox, list[str]]:
     published: list[str] = []
 
-    async def publish(alert: Alert) -> None:
-        published.append(alert.id)
+    async def publish(alerts: list[Alert]) -> None:
+        published.extend(alert.id for alert in alerts)
 
     return Outbox(store, publish, poster, lambda since: set(on_topic)), published
 
@@ -117,3 +129,25 @@ def test_an_entry_a_replay_brings_back_after_its_delivery_is_deleted_not_sent_ag
     asyncio.run(go())
     assert published == ["error:call_1"] and poster.posted == []
     assert key not in store.data
+
+
+def test_a_batchs_alerts_of_one_partition_are_published_together_and_deleted_in_one_write() -> None:
+    store, poster = Store(), Poster()
+    calls: list[list[str]] = []
+    alerts = [_alert(n) for n in (1, 2, 3)]
+    for alert in alerts:
+        store.put(0, outbox_key(0, alert.id), msgspec.msgpack.encode(Pending(alert, NOW)))
+
+    async def publish(batch: list[Alert]) -> None:
+        calls.append([a.id for a in batch])
+
+    outbox = Outbox(store, publish, poster, lambda since: set())
+
+    async def go() -> None:
+        outbox.committed(0, alerts, None)
+        await _settle(outbox)
+
+    asyncio.run(go())
+    assert calls == [[a.id for a in alerts]]
+    assert store.deletes == [(0, [outbox_key(0, a.id) for a in alerts])]
+    assert poster.posted == [a.id for a in alerts] and outbox.stats().delivered == 3
