@@ -5,7 +5,8 @@ commit as the call state that remembers it was raised, so a batch processed agai
 raises nothing twice. The outbox delivers an entry only once its batch's changelog writes are
 acknowledged: it publishes the alert to `<prefix>.alerts` (and waits for the broker), posts it to
 the alert routes (until the sender is done with it), then deletes the entry with a tombstone. A
-batch's entries of one partition go together: published at once, posted, deleted in one write.
+batch's entries of one partition are published at once; each posted one is deleted as soon as its
+POST is done, the others in one write.
 
 After a crash or a rebalance, the worker that owns a partition finds its entries in the recovered
 table. Any of them may have been published already: their ids are looked up on the alerts topic
@@ -179,15 +180,35 @@ class Outbox:
         return task
 
     async def _deliver(self, partition: int, entries: list[_Entry]) -> None:
-        """Publish what is not on the alerts topic yet, post, then delete the entries (one write)."""
-        posting: list[str] = []
+        """Publish what is not on the alerts topic yet (at once), then settle the entries: those no
+        route takes are deleted in one write, each posted one as soon as the sender is done with it
+        (so a crash can repost only an alert whose POST had just ended, never one of a slower group)."""
         try:
             unpublished = [entry for entry in entries if not entry.published]
             if unpublished:
                 await self.publish([entry.alert for entry in unpublished])
                 for entry in unpublished:
                     entry.published = True
-            await self._post([entry.alert for entry in entries], posting)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(partition, entries, exc)
+            return
+        posted = [entry for entry in entries if self.poster.posts(entry.alert)]
+        quiet = [entry for entry in entries if entry not in posted]
+        await asyncio.gather(
+            *([self._settle(partition, quiet, post=False)] if quiet else []),
+            *(self._settle(partition, [entry], post=True) for entry in posted),
+        )
+
+    async def _settle(self, partition: int, entries: list[_Entry], post: bool) -> None:
+        """Post (`post`: one entry) until the sender is done with it, then delete the entries."""
+        alert = entries[0].alert
+        try:
+            if post:
+                done = self._posting[alert.id] = asyncio.get_running_loop().create_future()
+                self.poster.submit(alert)
+                await done
             written = await self.store.delete_now(partition, [entry.key for entry in entries])
             for entry in entries:
                 self._remember(entry.key)
@@ -195,33 +216,24 @@ class Outbox:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error(
-                "%d alerts (%s) not delivered: %s; the next recovery of partition %d retries them",
-                len(entries),
-                entries[0].alert.id,
-                exc,
-                partition,
-            )
+            self._failed(partition, entries, exc)
             return
         finally:
-            for alert_id in posting:
-                self._posting.pop(alert_id, None)
+            if post:
+                self._posting.pop(alert.id, None)
         for entry in entries:
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
         self.delivered += len(entries)
 
-    async def _post(self, alerts: list[Alert], posting: list[str]) -> None:
-        """Submit the alerts the routes take, and wait until the sender is done with each."""
-        waits = []
-        for alert in alerts:
-            if self.poster.posts(alert):
-                done = self._posting[alert.id] = asyncio.get_running_loop().create_future()
-                posting.append(alert.id)
-                self.poster.submit(alert)
-                waits.append(done)
-        for done in waits:
-            await done
+    def _failed(self, partition: int, entries: list[_Entry], exc: Exception) -> None:
+        log.error(
+            "%d alerts (%s) not delivered: %s; the next recovery of partition %d retries them",
+            len(entries),
+            entries[0].alert.id,
+            exc,
+            partition,
+        )
 
     def _posted(self, alert: Alert) -> None:
         fut = self._posting.get(alert.id)
