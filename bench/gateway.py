@@ -34,9 +34,9 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.openloop import run as open_loop
-from bench.report import RESULTS, machine, write_section
+from bench.report import RESULTS, bench_broker, machine, write_section
 from callstream.fakecalls import CallFactory, Event, Fleet
-from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+from callstream.localkafka import KAFKA_VERSION, free_port
 from callstream.procs import Process, ProcessFailed, spawn
 from callstream.simulate import schedule
 from gateway.routing import route
@@ -415,13 +415,7 @@ def kafka() -> Iterator[str]:
     if external:
         yield external
         return
-    broker = LocalKafka(
-        home=OUT / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        heap="1g",
-        jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-    )
+    broker = bench_broker(OUT / "kafka")
     broker.start(wait=120, say=say)
     try:
         yield broker.bootstrap

@@ -40,7 +40,7 @@ import httpx
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from bench.history_traffic import DAY_MS, Sent, Traffic
-from bench.report import machine, write_section
+from bench.report import bench_broker, machine, write_section
 from bench.streams_worker import cpu_seconds, worker_env
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
 from kernel.catalogue import all_topics
@@ -73,13 +73,7 @@ def _stop(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def own_broker(tmp: Path) -> Iterator[LocalKafka]:
     signal.signal(signal.SIGTERM, _stop)
-    kafka = LocalKafka(
-        home=tmp / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        heap="1g",
-        jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-    )
+    kafka = bench_broker(tmp / "kafka")
     kafka.start(wait=120, say=say)
     try:
         yield kafka

@@ -16,6 +16,7 @@ Prints a markdown table and replaces the lake section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
@@ -32,11 +33,12 @@ import httpx
 from confluent_kafka import Producer
 from pyiceberg.expressions import In
 
-from bench.report import machine, write_section
-from bench.streams import _env, _start, pct
+from bench.report import bench_broker, machine, write_section
+from bench.streams import pct
+from bench.streams_worker import running, worker_env
 from bench.warehouse import Pool, bench_sink, produce
 from callstream.fakecalls import CallFactory, Fleet
-from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+from callstream.localkafka import free_port
 from callstream.localpostgres import start_postgres
 from callstream.locals3 import LocalS3
 from kernel.catalogue import Header, topic
@@ -133,13 +135,14 @@ def freshness(
     """Seconds from a probe call's 204 at the gateway to its row readable in the lake, under load."""
     key = "bench-" + secrets.token_hex(8)
     env = {
-        **_env(bootstrap, prefix, work, key),
+        **worker_env(bootstrap, prefix, work, key),
         **lake,
         "CALLSTREAM_LOG_LEVEL": os.environ.get("BENCH_SINK_LOG", "WARNING"),
     }
     gport = free_port()
-    gw = _start(["gateway", "--port", str(gport)], env, work / "gateway.log")
-    sink = _start(["sink"], env, work / "lake-sink.log")
+    procs = contextlib.ExitStack()
+    procs.enter_context(running(["gateway", "--port", str(gport)], env, work / "gateway.log"))
+    procs.enter_context(running(["sink"], env, work / "lake-sink.log"))
     catalog = open_catalog_from(lake)
     stop = threading.Event()
     bg = threading.Thread(target=_background, args=(bootstrap, prefix, rate, seconds + 30, stop), daemon=True)
@@ -167,9 +170,7 @@ def freshness(
         return samples
     finally:
         stop.set()
-        for p in (gw, sink):
-            p.terminate()
-            p.wait(30)
+        procs.close()
         catalog.engine.dispose()
 
 
@@ -274,13 +275,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lake-"))
-    broker = LocalKafka(
-        home=work / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        heap="1g",
-        jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-    )
+    broker = bench_broker(work / "kafka")
     s3 = LocalS3(home=work / "s3", port=free_port(), jars=REPO / ".s3proxy" / "jars" / "2.6.0")
     pg = start_postgres()
     try:

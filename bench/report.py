@@ -8,6 +8,8 @@ import platform
 import re
 from pathlib import Path
 
+from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -40,3 +42,9 @@ def write_section(name: str, text: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     RESULTS.write_text(new.rstrip("\n") + "\n")
+
+
+def bench_broker(home: Path) -> LocalKafka:
+    """A broker of the benchmark's own (not started): free ports, a 1 GiB heap, the jars `make` fetched."""
+    jars = Path(__file__).resolve().parents[1] / ".kafka" / "jars" / KAFKA_VERSION
+    return LocalKafka(home=home, port=free_port(), controller_port=free_port(), heap="1g", jars=jars)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench.gateway import http_requests, topic_total
 from bench.openloop import run as open_loop
-from bench.report import machine, write_section
+from bench.report import bench_broker, machine, write_section
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
 from callstream.procs import Process, ProcessFailed
@@ -98,13 +98,7 @@ class Stack:
         broker = None
         bootstrap = os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP", "")
         if not bootstrap:
-            broker = LocalKafka(
-                home=OUT / "kafka",
-                port=free_port(),
-                controller_port=free_port(),
-                heap="1g",
-                jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-            )
+            broker = bench_broker(OUT / "kafka")
             broker.start(wait=120, say=say)
             bootstrap = broker.bootstrap
         prefix, key, port = f"bench{uuid.uuid4().hex[:8]}", f"bench_{uuid.uuid4().hex}", free_port()

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.report import machine, write_section
+from bench.report import bench_broker, machine, write_section
 from bench.streams_mix import MIXES, Expected, Mix, prefill
 from bench.streams_peers import PARTITIONS, QUIX_POLL_TIMEOUTS, Row, consume_loop, quix, quix_python
 from bench.streams_worker import latency, worker_row
-from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+from callstream.localkafka import KAFKA_VERSION
 from kernel.catalogue import all_topics
 from kernel.topics import ensure_topics, wait_for_topics
 
@@ -64,13 +64,7 @@ def broker(tmp: Path) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    kafka = LocalKafka(
-        home=tmp / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        heap="1g",
-        jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-    )
+    kafka = bench_broker(tmp / "kafka")
     kafka.start(wait=120, say=say)
     try:
         yield kafka.bootstrap

@@ -30,7 +30,7 @@ import duckdb
 import orjson
 from confluent_kafka import Producer
 
-from bench.report import machine, write_section
+from bench.report import bench_broker, machine, write_section
 from callstream.fakecalls import CallFactory, Fleet
 from kernel.catalogue import Header, topic
 from kernel.topics import ensure_topics
@@ -205,15 +205,7 @@ def main() -> None:
     try:
         bootstrap = args.bootstrap
         if not bootstrap:
-            from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
-
-            broker = LocalKafka(
-                home=work / "kafka",
-                port=free_port(),
-                controller_port=free_port(),
-                heap="1g",
-                jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-            )
+            broker = bench_broker(work / "kafka")
             broker.start(wait=120)
             bootstrap = broker.bootstrap
         prefix = f"bench{uuid.uuid4().hex[:8]}"

@@ -36,8 +36,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from bench.report import machine, write_section
-from bench.warehouse import REPO, Pool, bench_sink, produce
+from bench.report import bench_broker, machine, write_section
+from bench.warehouse import Pool, bench_sink, produce
 from kernel.topics import ensure_topics
 from warehouse.db import run, scalar
 from warehouse.load import stored_versions
@@ -371,15 +371,7 @@ def main() -> None:
     try:
         bootstrap = args.bootstrap
         if not bootstrap:
-            from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
-
-            broker = LocalKafka(
-                home=work / "kafka",
-                port=free_port(),
-                controller_port=free_port(),
-                heap="1g",
-                jars=REPO / ".kafka" / "jars" / KAFKA_VERSION,
-            )
+            broker = bench_broker(work / "kafka")
             broker.start(wait=120)
             bootstrap = broker.bootstrap
         prefix = f"bench{uuid.uuid4().hex[:8]}"
