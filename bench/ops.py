@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import duckdb
 import orjson
 from confluent_kafka import Producer
 
-from bench.report import bench_broker, machine, write_section
+from bench.report import bench_kafka, bench_workdir, machine, write_section
 from callstream.fakecalls import CallFactory, Fleet
 from kernel.catalogue import Header, topic
 from kernel.topics import ensure_topics
@@ -227,14 +226,7 @@ def main() -> None:
     ap.add_argument("--bootstrap", default=os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP"), help="an existing broker")
     ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-ops-"))
-    broker = None
-    try:
-        bootstrap = args.bootstrap
-        if not bootstrap:
-            broker = bench_broker(work / "kafka")
-            broker.start(wait=120)
-            bootstrap = broker.bootstrap
+    with bench_workdir("bench-ops-") as work, bench_kafka(args.bootstrap, work / "kafka") as bootstrap:
         load_before = os.getloadavg()
         backfill_rows, sizes, prefix = bench_backfill(bootstrap, args.calls, work)
         replay_rows = bench_replay(bootstrap, args.replay, work)
@@ -268,10 +260,6 @@ def main() -> None:
         print(section)
         if not args.no_write:
             write_section("ops", section)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

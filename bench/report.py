@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
+
+log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -48,3 +54,27 @@ def bench_broker(home: Path) -> LocalKafka:
     """A broker of the benchmark's own (not started): free ports, a 1 GiB heap, the jars `make` fetched."""
     jars = Path(__file__).resolve().parents[1] / ".kafka" / "jars" / KAFKA_VERSION
     return LocalKafka(home=home, port=free_port(), controller_port=free_port(), heap="1g", jars=jars)
+
+
+@contextlib.contextmanager
+def bench_kafka(bootstrap: str | None, home: Path, say: Callable[[str], None] = log.info) -> Iterator[str]:
+    """`bootstrap` when one is given; else a broker of the run's own under `home`, stopped when the block ends."""
+    if bootstrap:
+        yield bootstrap
+        return
+    broker = bench_broker(home)
+    broker.start(wait=120, say=say)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@contextlib.contextmanager
+def bench_workdir(prefix: str) -> Iterator[Path]:
+    """A temporary folder for one run (under BENCH_TMP if set), deleted when the block ends."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_TMP")))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

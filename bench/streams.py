@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.report import bench_broker, machine, write_section
+from bench.report import bench_kafka, machine, write_section
 from bench.streams_mix import MIXES, Expected, Mix, prefill
 from bench.streams_peers import PARTITIONS, QUIX_POLL_TIMEOUTS, Row, consume_loop, quix, quix_python
 from bench.streams_worker import latency, worker_row
@@ -60,16 +60,8 @@ def broker(tmp: Path) -> Iterator[str]:
     """CALLSTREAM_KAFKA_BOOTSTRAP, or a throwaway local broker stopped when the block ends (a SIGTERM
     included: the broker, workers and apps started here are stopped on the way out)."""
     signal.signal(signal.SIGTERM, _stop)
-    bootstrap = os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP")
-    if bootstrap:
+    with bench_kafka(os.environ.get("CALLSTREAM_KAFKA_BOOTSTRAP"), tmp / "kafka", say) as bootstrap:
         yield bootstrap
-        return
-    kafka = bench_broker(tmp / "kafka")
-    kafka.start(wait=120, say=say)
-    try:
-        yield kafka.bootstrap
-    finally:
-        kafka.stop()
 
 
 def fresh_topics(bootstrap: str, name: str) -> str:

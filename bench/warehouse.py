@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -30,7 +28,7 @@ import duckdb
 import orjson
 from confluent_kafka import Producer
 
-from bench.report import bench_broker, machine, write_section
+from bench.report import bench_kafka, bench_workdir, machine, write_section
 from callstream.fakecalls import CallFactory, Fleet
 from kernel.catalogue import Header, topic
 from kernel.topics import ensure_topics
@@ -200,14 +198,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-warehouse-"))
-    broker = None
-    try:
-        bootstrap = args.bootstrap
-        if not bootstrap:
-            broker = bench_broker(work / "kafka")
-            broker.start(wait=120)
-            bootstrap = broker.bootstrap
+    with bench_workdir("bench-warehouse-") as work, bench_kafka(args.bootstrap, work / "kafka") as bootstrap:
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         ensure_topics(bootstrap, prefix, partitions=3)
         load_before = os.getloadavg()[0]
@@ -272,10 +263,6 @@ def main() -> None:
         print(section)
         if not args.no_write:
             write_section("warehouse", section)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

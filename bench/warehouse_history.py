@@ -25,7 +25,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from bench.report import bench_broker, machine, write_section
+from bench.report import bench_kafka, bench_workdir, machine, write_section
 from bench.warehouse import Pool, bench_sink, produce
 from kernel.topics import ensure_topics
 from warehouse.db import run, scalar
@@ -366,14 +365,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the section only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
     args.sizes = sorted(args.sizes)
-    work = Path(tempfile.mkdtemp(prefix="bench-history-", dir=os.environ.get("BENCH_TMP")))
-    broker = None
-    try:
-        bootstrap = args.bootstrap
-        if not bootstrap:
-            broker = bench_broker(work / "kafka")
-            broker.start(wait=120)
-            bootstrap = broker.bootstrap
+    with bench_workdir("bench-history-") as work, bench_kafka(args.bootstrap, work / "kafka") as bootstrap:
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         ensure_topics(bootstrap, prefix, partitions=3)
         load_before = os.getloadavg()[0]
@@ -389,10 +381,6 @@ def main() -> None:
         print(section)
         if not args.no_write:
             write_section("warehouse-history", section)
-    finally:
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
