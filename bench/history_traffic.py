@@ -143,7 +143,10 @@ class Traffic:
                 self.sent.by_event[event] += 1
 
     def _produce(self, at: int, event: str, key: str, body: bytes) -> None:
-        headers = [(Header.EVENT, event.encode()), (Header.RECEIVED_AT, b"%d" % at)]
+        headers: list[tuple[str, str | bytes | None]] = [
+            (Header.EVENT, event.encode()),
+            (Header.RECEIVED_AT, b"%d" % at),
+        ]
         while True:
             try:
                 self.producer.produce(topic(self.prefix, event), key=key.encode(), value=body, headers=headers)

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import orjson
@@ -93,10 +94,10 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path) -> Run:
     return Run(time.monotonic() - t0, usage.ru_utime + usage.ru_stime, peak / 1024)
 
 
-def calls(n: int, distinct: int = 1000) -> list[dict]:
+def calls(n: int, distinct: int = 1000) -> list[dict[str, Any]]:
     """`n` analyzed call objects: `distinct` simulated ones, re-keyed."""
     f = CallFactory(Fleet(seed=5, agents=5), seed=5)
-    pool: list[dict] = []
+    pool: list[dict[str, Any]] = []
     while len(pool) < min(n, distinct):
         payload = f.events()[-1].payload
         if "call" in payload:
@@ -180,7 +181,9 @@ def bench_replay(bootstrap: str, n: int, work: Path) -> list[str]:
     ]
 
 
-def _produce(p: Producer, t: str, key: bytes | None, value: bytes, headers: list) -> None:
+def _produce(
+    p: Producer, t: str, key: bytes | None, value: bytes, headers: list[tuple[str, str | bytes | None]]
+) -> None:
     while True:
         try:
             p.produce(t, key=key, value=value, headers=headers)

@@ -23,6 +23,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import orjson
@@ -99,7 +100,7 @@ def _cpu() -> float:
     return u.ru_utime + u.ru_stime
 
 
-def bench_sink(bootstrap: str, prefix: str, work: Path) -> tuple[float, float, float, dict]:
+def bench_sink(bootstrap: str, prefix: str, work: Path) -> tuple[float, float, float, dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSTREAM_")}
     env.update(
         CALLSTREAM_KAFKA_BOOTSTRAP=bootstrap,
