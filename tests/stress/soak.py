@@ -100,6 +100,7 @@ class Fault:
     caught_up: dict[str, float | None] = field(default_factory=dict)  # "workers" / "sink" -> when
     thresholds: dict[str, int] = field(default_factory=dict)
     pause: tuple[float, float] | None = None  # the longest stretch without a 204 around it
+    killed_wall: float | None = None  # worker: wall-clock time its SIGKILL had taken effect
 
 
 @dataclass
@@ -295,6 +296,7 @@ class Soak:
         self.say(f"fault {f.n}: {f.kind}")
         if f.kind == "worker":
             stack.kill("worker A")
+            f.killed_wall = time.time()
             stack.start("worker A")
             f.done = self.now()
             f.detail = "worker A killed and started again"
@@ -400,7 +402,8 @@ class Soak:
         stack.stop(*WORKERS)
         log = read_alerts(stack.bootstrap, stack.prefix)
         throttle = stored.rules.failure_rate.throttle_minutes
-        return alerts_once(log, stack.receiver.received(), stored.owed_alerts, throttle)
+        kills = [f.killed_wall for f in self.out.faults if f.killed_wall is not None]
+        return alerts_once(log, stack.receiver.deliveries(), stored.owed_alerts, throttle, kills)
 
     def _sink_audit(self, stored: Stored) -> list[Check]:
         """Let the sink load up to the topics' end, stop it (its last Parquet snapshot is published on

@@ -7,14 +7,17 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import orjson
+
 from callstream.fakecalls import CallFactory, Fleet
 from callstream.sim.traffic import schedule as traffic
 from callstream.sim.traffic import with_duplicates
 from streams.alertrules import load_config
 from streams.calls import CallState, apply_event, decode_body
 from tests.stress.soak import Lag, Options, _first_at_most, _longest_pause, _threshold, schedule
-from tests.support.expected import Stored
+from tests.support.expected import AlertLog, Stored
 from tests.support.rss import RssLog
+from tests.support.stackaudit import REPOST_WINDOW_S, alerts_once
 
 
 def test_what_the_stored_events_owe_is_what_the_worker_counts_and_raises() -> None:
@@ -86,3 +89,28 @@ def test_growth_is_judged_per_process_after_the_warm_up() -> None:
     assert (growth[1].baseline_mb, growth[1].end_mb, round(growth[1].percent or 0, 1)) == (100, 106, 6.0)
     assert growth[2].percent is None and "lived 150 s" in growth[2].why_not
     assert (growth[3].baseline_mb, growth[3].percent, growth[3].peak_mb) == (80, 50.0, 120)  # from its own minute 2
+
+
+def _alert(i: str) -> dict[str, object]:
+    return {"text": i, "alert": {"id": i, "call_id": f"call_{i}"}}
+
+
+def test_an_alert_posted_again_only_across_a_worker_kill_is_the_documented_repost() -> None:
+    """A second POST of an alert is excused only when the first arrived in the moment before a worker's
+    SIGKILL and the second after it; any other second POST, or a third, fails the check."""
+    log = AlertLog()
+    for i in ("a", "b", "c"):
+        log.add(orjson.dumps({"id": i, "call_id": f"call_{i}"}))
+    kill = 1000.0
+    deliveries = [(990.0, _alert("a")), (999.9, _alert("b")), (1003.0, _alert("b")), (1001.0, _alert("c"))]
+    check = alerts_once(log, deliveries, {"a", "b", "c"}, 60, kills=[kill])[1]
+    assert check.ok, check.detail
+    assert "posted again by the worker that took over" in check.detail and "(b)" in check.detail
+
+    for late_first, extra in ((kill - REPOST_WINDOW_S - 1, 1003.0), (1001.0, 1003.0)):
+        twice = [*deliveries[:1], (late_first, _alert("b")), (extra, _alert("b")), deliveries[3]]
+        failed = alerts_once(log, twice, {"a", "b", "c"}, 60, kills=[kill])[1]
+        assert not failed.ok and "delivered more than once: 1 (('b', 2))" in failed.detail
+    thrice = [*deliveries, (1004.0, _alert("b"))]
+    assert not alerts_once(log, thrice, {"a", "b", "c"}, 60, kills=[kill])[1].ok
+    assert not alerts_once(log, deliveries, {"a", "b", "c"}, 60, kills=[])[1].ok

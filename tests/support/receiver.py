@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -11,7 +12,7 @@ import orjson
 
 class Receiver:
     """`with Receiver() as r:` serves on a free loopback port (or a free port of `host`); `r.bodies`
-    holds what arrived, `headers` each recorded POST's headers.
+    holds what arrived, `arrived` when each came (wall clock), `headers` each recorded POST's headers.
 
     `hold()` makes it keep the POSTs that arrive from then on unanswered and unrecorded, as an
     endpoint that hangs does, until `release()` answers them 503 (still unrecorded): what a sender
@@ -23,6 +24,7 @@ class Receiver:
 
     def __init__(self, status: int = 200, fail_first: int = 0, host: str = "127.0.0.1") -> None:
         self.bodies: list[Any] = []
+        self.arrived: list[float] = []
         self.attempts = 0
         self.cut_short = 0  # POSTs whose body never arrived whole
         self.headers: list[dict[str, str]] = []
@@ -48,6 +50,7 @@ class Receiver:
                     failing = held or owner.attempts <= fail_first
                     if not failing:
                         owner.bodies.append(orjson.loads(body))
+                        owner.arrived.append(time.time())
                         owner.headers.append(dict(self.headers.items()))
                 if held:
                     owner._open.wait()
@@ -69,6 +72,11 @@ class Receiver:
     def received(self) -> list[Any]:
         with self._lock:
             return list(self.bodies)
+
+    def deliveries(self) -> list[tuple[float, Any]]:
+        """Each recorded body with the wall-clock time it arrived, in order."""
+        with self._lock:
+            return list(zip(self.arrived, self.bodies, strict=True))
 
     def hold(self) -> None:
         self._open.clear()

@@ -10,7 +10,7 @@ every 204, are the measure.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,12 +125,43 @@ def alert_id(body: dict[str, Any]) -> str:
     return str(body.get("alert", {}).get("id"))
 
 
-def alerts_once(log: AlertLog, received: list[Any], owed: set[str], throttle_minutes: float) -> list[Check]:
+# How long before a worker's SIGKILL a POST may have arrived for the worker that takes over its outbox
+# to post that alert again: the moment between the webhook's answer and the tombstone of the outbox
+# entry reaching Kafka (streams/outbox.py), with room for a loaded machine.
+REPOST_WINDOW_S = 5.0
+
+
+def reposted_at_a_kill(times: list[float], kills: Sequence[float]) -> float | None:
+    """The worker SIGKILL that explains an alert arriving at `times`, or None: arrived exactly twice,
+    the first within REPOST_WINDOW_S before that kill and the second after it."""
+    if len(times) != 2:
+        return None
+    first, second = sorted(times)
+    return next((k for k in kills if k - REPOST_WINDOW_S <= first <= k < second), None)
+
+
+def alerts_once(
+    log: AlertLog,
+    deliveries: list[tuple[float, Any]],
+    owed: set[str],
+    throttle_minutes: float,
+    kills: Sequence[float] = (),
+) -> list[Check]:
     """Each alert once on the topic and once at the receiver, the per-call alerts exactly those owed,
-    and no agent's failure-rate alert again within its throttle."""
-    got = Counter(alert_id(b) for b in received)
+    and no agent's failure-rate alert again within its throttle.
+
+    `deliveries` are (arrival time, body); `kills` the wall-clock times of worker SIGKILLs. An alert
+    posted a second time by the worker that took over a killed worker's outbox, because the killed
+    one was answered in the moment before it died (REPOST_WINDOW_S), is the one repost a webhook can
+    see (with the same Idempotency-Key): it is reported, not failed. Any other second delivery fails.
+    """
+    times: dict[str, list[float]] = defaultdict(list)
+    for at, body in deliveries:
+        times[alert_id(body)].append(at)
+    got = Counter({i: len(ts) for i, ts in times.items()})
     on_topic_twice = {i: n for i, n in log.ids.items() if n > 1}
-    received_twice = {i: n for i, n in got.items() if n > 1}
+    reposts = {i: k for i, ts in times.items() if len(ts) > 1 and (k := reposted_at_a_kill(ts, kills)) is not None}
+    received_twice = {i: n for i, n in got.items() if n > 1 and i not in reposts}
     not_received = set(log.ids) - set(got)
     not_on_topic = set(got) - set(log.ids)
     checks = [
@@ -146,6 +177,11 @@ def alerts_once(log: AlertLog, received: list[Any], owed: set[str], throttle_min
             not received_twice and not not_received and not not_on_topic,
             f"{sum(got.values()):,} deliveries of {len(got):,} alerts"
             + _found("delivered more than once", received_twice.items())
+            + _found(
+                "posted again by the worker that took over a SIGKILLed worker's outbox (answered in the moment "
+                f"before the kill, within {REPOST_WINDOW_S:g} s; same Idempotency-Key)",
+                sorted(reposts),
+            )
             + _found("on the topic, never delivered", sorted(not_received))
             + _found("delivered, not on the topic", sorted(not_on_topic)),
         ),
