@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigEntry, ConfigResource, NewTopic  # type: ignore[attr-defined]
 
 from kernel.catalogue import all_topics
 from kernel.errors import KafkaSetupError
@@ -71,6 +71,25 @@ AUTO = Replication()
 def _admin(bootstrap: str) -> AdminClient:
     # Callbacks go as keyword arguments: the typed config dict holds only str, int, float and bool.
     return AdminClient({"bootstrap.servers": bootstrap}, error_cb=lambda _err: None, logger=_librdkafka)
+
+
+def topic_configs(admin: AdminClient, name: str, *, patience: float = 15.0) -> dict[str, ConfigEntry]:
+    """A topic's configs. A topic created a moment ago (by this client or another) may be unknown for a
+    moment to the broker asked, whose metadata follows the controller's: ask again until then.
+
+    Raises the KafkaException of any other error, or of the last try once `patience` seconds are up.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        have = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, name)])
+        try:
+            entries: dict[str, ConfigEntry] = next(iter(have.values())).result(timeout=15)
+            return entries
+        except KafkaException as exc:
+            unknown = exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            if not unknown or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _metadata(admin: AdminClient, timeout: float) -> Any:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     AlterConfigOpType,
@@ -27,7 +26,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from kernel.catalogue import ALERTS, UNKNOWN, EventName, topic
 from kernel.errors import KafkaSetupError
-from kernel.topics import AUTO, Replication, wait_for_topics
+from kernel.topics import AUTO, Replication, topic_configs, wait_for_topics
 from streams.errors import PartitionMismatch, StreamsError
 
 log = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def configure_changelog(bootstrap: str, name: str, create: Layout | None) -> lis
     try:
         if create is not None and _create(admin, name, create):
             return sorted(CHANGELOG_CONFIG)
-        entries = _describe(admin, name)
+        entries = topic_configs(admin, name)
         wrong = {k: v for k, v in CHANGELOG_CONFIG.items() if _needs(k, v, entries.get(k))}
         if wrong:
             entries_to_set = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in wrong.items()]
@@ -165,22 +164,6 @@ def configure_changelog(bootstrap: str, name: str, create: Layout | None) -> lis
             f"--bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {name} --add-config "
             f"{settings}` (or allow this worker AlterConfigs on it) and start the worker again"
         ) from exc
-
-
-def _describe(admin: AdminClient, name: str, *, patience: float = 15.0) -> dict[str, ConfigEntry]:
-    """The changelog's configs. A topic that another worker created a moment ago may be unknown for
-    a moment to the broker asked (its metadata follows the controller's), so ask again until then."""
-    deadline = time.monotonic() + patience
-    while True:
-        have = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, name)])
-        try:
-            entries: dict[str, ConfigEntry] = next(iter(have.values())).result(timeout=15)
-            return entries
-        except KafkaException as exc:
-            unknown = exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART
-            if not unknown or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def _needs(key: str, value: str, entry: ConfigEntry | None) -> bool:

@@ -8,17 +8,15 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient
 
 from callstream.localcluster import LocalCluster, brokers_seen, configured
 from callstream.localkafka import LocalKafka, free_port
 from kernel.errors import KafkaSetupError
-from kernel.topics import ensure_topics
+from kernel.topics import ensure_topics, topic_configs
 from tests.support.paths import KAFKA_JARS
 
 
@@ -137,15 +135,7 @@ def test_kafka_start_brokers_3_then_status_and_stop_cover_every_node(tmp_path: P
         admin = AdminClient({"bootstrap.servers": bootstrap})
         parts = admin.list_topics("rf.call_analyzed", timeout=10).topics["rf.call_analyzed"].partitions
         assert {len(p.replicas) for p in parts.values()} == {3}
-        resource = ConfigResource("topic", "rf.call_analyzed")
-        # The broker asked may learn of the topic a moment after the one that created it.
-        for _ in range(50):
-            try:
-                configs = admin.describe_configs([resource])[resource].result()
-                break
-            except KafkaException:
-                time.sleep(0.2)
-        assert configs["min.insync.replicas"].value == "2"
+        assert topic_configs(admin, "rf.call_analyzed")["min.insync.replicas"].value == "2"
     finally:
         stopped = _cli("stop", home=tmp_path, port=port)
     assert stopped.returncode == 0, stopped.stderr

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from callstream.localkafka import free_port
 from kernel.catalogue import all_topics
 from kernel.errors import KafkaSetupError
-from kernel.topics import Replication, create_missing, ensure_topics, wait_for_topics
+from kernel.topics import Replication, create_missing, ensure_topics, topic_configs, wait_for_topics
 
 
 @pytest.mark.parametrize(
@@ -99,3 +101,37 @@ def test_an_unreachable_broker_is_named_while_waiting_and_stop_ends_it(capfd):
     assert said and said[0].startswith(f"waiting for Kafka at {bootstrap}")
     # One line every few seconds says it; librdkafka's own line per failed connection stays quiet.
     assert "Connection refused" not in capfd.readouterr().err
+
+
+class _LateBroker:
+    """An admin client whose broker learns of the topic after `unknown_for` describes."""
+
+    def __init__(self, unknown_for: int, error: int = KafkaError.UNKNOWN_TOPIC_OR_PART) -> None:
+        self.asked = 0
+        self.unknown_for = unknown_for
+        self.error = error
+
+    def describe_configs(self, resources: list[ConfigResource]) -> dict[ConfigResource, Future[dict[str, str]]]:
+        self.asked += 1
+        answer: Future[dict[str, str]] = Future()
+        if self.asked <= self.unknown_for:
+            answer.set_exception(KafkaException(KafkaError(self.error)))
+        else:
+            answer.set_result({"cleanup.policy": "compact"})
+        return {resources[0]: answer}
+
+
+def test_a_topic_another_client_just_created_is_asked_about_again_until_the_broker_knows_it() -> None:
+    broker = _LateBroker(unknown_for=3)
+    configs = topic_configs(broker, "p.call_started", patience=5)  # type: ignore[arg-type]
+    assert list(configs) == ["cleanup.policy"]
+    assert broker.asked == 4
+
+
+def test_a_topic_the_broker_never_learns_of_or_refuses_fails_with_the_brokers_error() -> None:
+    with pytest.raises(KafkaException, match="UNKNOWN_TOPIC_OR_PART"):
+        topic_configs(_LateBroker(unknown_for=10**6), "p.call_started", patience=0.5)  # type: ignore[arg-type]
+    refused = _LateBroker(unknown_for=1, error=KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    with pytest.raises(KafkaException, match="TOPIC_AUTHORIZATION_FAILED"):
+        topic_configs(refused, "p.call_started")  # type: ignore[arg-type]
+    assert refused.asked == 1
