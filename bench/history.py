@@ -40,7 +40,7 @@ import httpx
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from bench.history_traffic import DAY_MS, Sent, Traffic
-from bench.report import bench_broker, machine, write_section
+from bench.report import bench_broker, load_note, machine, write_section
 from bench.streams_worker import cpu_seconds, worker_env
 from callstream.localkafka import KAFKA_VERSION, LocalKafka, free_port
 from kernel.catalogue import all_topics
@@ -324,8 +324,8 @@ def main() -> None:
     text = "\n".join(
         [
             f"`make bench-history` on {started}; {machine()}. One Kafka {KAFKA_VERSION} broker on the same machine, "
-            f"{PARTITIONS} partitions per topic, lz4. Load average {load_before[0]:.1f} at the start, "
-            f"{load_after[0]:.1f} at the end (other work shared the 2 cores). {args.days} simulated days at "
+            f"{PARTITIONS} partitions per topic, lz4. {load_note(load_before[0], load_after[0])}. "
+            f"{args.days} simulated days at "
             f"{args.calls_per_day:,} calls and chats a day, {busy['events']:,.0f} distinct events in "
             f"{busy['messages']:,.0f} messages (1 % redelivered), mean body "
             f"{busy['bytes'] / busy['messages'] / 1024:.1f} KB; "

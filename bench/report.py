@@ -38,6 +38,18 @@ def machine() -> str:
     )
 
 
+def load_note(before: float, after: float) -> str:
+    """The 1-minute load average around a run, and whether other work shared the cores: judged by the
+    load at the start, since at the end it counts the benchmark's own processes."""
+    cores = os.cpu_count() or 1
+    shared = (
+        "other work shared the cores, so treat wall-clock figures as a floor"
+        if before > 0.5 * cores
+        else "nothing else ran"
+    )
+    return f"Load average {before:.1f} at the start, {after:.1f} at the end ({shared})"
+
+
 def write_section(name: str, text: str) -> None:
     """Replace this benchmark's section of RESULTS.md (between its markers), or append it."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"

@@ -24,7 +24,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pyarrow.dataset as ds
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from kernel.catalogue import DEAD_LETTER, Header, topic
 from warehouse import ledger
@@ -67,6 +67,7 @@ class TopicLog:
                 "group.id": f"audit-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                "enable.partition.eof": True,  # how the end of a partition is known, transaction markers and all
             }
         )
         deadline = time.monotonic() + timeout
@@ -76,8 +77,10 @@ class TopicLog:
                 break
             assert time.monotonic() < deadline, f"topics {sorted(self.names.values())} are not all on the broker"
             time.sleep(0.2)
-        self.consumer.assign([TopicPartition(t, p, 0) for t in self.names.values() for p in meta.topics[t].partitions])
+        self.partitions = [TopicPartition(t, p, 0) for t in self.names.values() for p in meta.topics[t].partitions]
+        self.consumer.assign(self.partitions)
         self.keys: dict[tuple[str, int], list[str]] = defaultdict(list)  # (topic, partition) -> key at each offset
+        self.read_to: Offsets = {}  # (topic, partition) -> the offset read up to, dead letters included
         self.dead_letters: list[str] = []
         self.owed_reload: Offsets = {}  # see restart_state
 
@@ -86,8 +89,13 @@ class TopicLog:
 
     def _poll(self, timeout: float) -> None:
         for m in self.consumer.consume(500, timeout=timeout):
-            if m.error() is not None:
+            tp = (str(m.topic()), int(m.partition() or 0))
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self.read_to[tp] = max(self.read_to.get(tp, 0), int(m.offset() or 0))
                 continue
+            self.read_to[tp] = max(self.read_to.get(tp, 0), int(m.offset() or 0) + 1)
             if m.topic() == self.names[DEAD_LETTER]:
                 headers = dict(m.headers() or [])
                 self.dead_letters.append(
@@ -97,18 +105,31 @@ class TopicLog:
                     f"{headers.get(Header.REASON, b'?').decode(errors='replace')}"
                 )
                 continue
-            keys = self.keys[(str(m.topic()), int(m.partition() or 0))]
+            keys = self.keys[tp]
             assert m.offset() == len(keys), f"{m.topic()}[{m.partition()}]: offset {m.offset()} after {len(keys)}"
             keys.append((m.key() or b"").decode())
 
-    def read_until(self, offsets: dict[tuple[str, int], int], timeout: float = 60.0) -> None:
-        """Read until every partition is known up to `offsets` (and whatever else is there now)."""
+    def _ends(self) -> Offsets:
+        """Each partition's end (high watermark) as the broker has it now."""
+        ends: Offsets = {}
+        for tp in self.partitions:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=15)
+            ends[(tp.topic, tp.partition)] = int(high)
+        return ends
+
+    def read_until(self, offsets: Offsets, timeout: float = 60.0) -> None:
+        """Read every partition up to `offsets` and up to the end it has now, dead letters included: a
+        fresh consumer's first poll can return nothing, so "whatever is there" is asked of the broker."""
         deadline = time.monotonic() + timeout
-        while any(len(self.keys[tp]) < o for tp, o in offsets.items()):
-            missing = {tp: (len(self.keys[tp]), o) for tp, o in offsets.items() if len(self.keys[tp]) < o}
-            assert time.monotonic() < deadline, f"the topics end before the stored offsets: {missing}"
+        want = self._ends()
+        for tp, o in offsets.items():
+            want[tp] = max(want.get(tp, 0), o)
+        while True:
+            behind = {tp: (self.read_to.get(tp, 0), o) for tp, o in want.items() if self.read_to.get(tp, 0) < o}
+            if not behind:
+                return
+            assert time.monotonic() < deadline, f"the topics end before the offsets asked (read, asked): {behind}"
             self._poll(0.2)
-        self._poll(0.1)
 
     def last_deliveries(self, suffix: str, offsets: dict[tuple[str, int], int]) -> dict[tuple[int, str], int]:
         """(partition, key) -> the offset of the key's last delivery below the stored offset."""

@@ -28,11 +28,13 @@ def test_every_table_once_and_parquet_equal_to_duckdb(traffic, run_sink_once, wa
     first = next(iter(p.sent.calls))  # delivered again at the end: replaced by a later batch of the same run
     p.send_raw("call_analyzed", first, orjson.dumps({"event": "call_analyzed", "call": p.sent.calls[first]}))
     p.flush()
-    run_sink_once(CALLSTREAM_BATCH_MAX_RECORDS="40")
+    out = run_sink_once(CALLSTREAM_BATCH_MAX_RECORDS="40")
+    # Every delivery read, none set aside: a short count below then points at the load itself.
+    assert f"sink: {p.sent.deliveries} records" in out and " 0 dead letters" in out, out[-3000:]
     counts = assert_parquet_equals_duckdb(db, parquet)
-    assert counts["calls"] == len(p.sent.calls)
+    assert counts["calls"] == len(p.sent.calls), out[-3000:]
     assert counts["call_utterances"] == p.sent.total_utterances()
-    assert counts["chats"] == len(p.sent.chats)
+    assert counts["chats"] == len(p.sent.chats), out[-3000:]
     assert counts["chat_messages"] == sum(len(c["message_with_tool_calls"]) for c in p.sent.chats.values())
 
     # A call delivered again later, changed and on another day, replaces its row and its children
