@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from callstream.ports import PortInUse, require_free
 from kernel.errors import KafkaSetupError
 from kernel.settings import CommonSettings
 
@@ -133,9 +134,17 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now whose next port is free too: a local node's controller listens on
+    port + 1 unless told otherwise, and a port the OS hands out may neighbour a client's connection."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port < 65535:
+                with contextlib.suppress(PortInUse):
+                    require_free("127.0.0.1", port + 1, "a local broker's controller", "controller_port")
+                    return port
+    raise KafkaSetupError("no two neighbouring loopback ports are free; stop what holds the ephemeral ports")
 
 
 def broker_answers(bootstrap: str, timeout: float = 3.0) -> bool:

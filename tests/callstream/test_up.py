@@ -71,7 +71,9 @@ def test_up_stops_everything_it_started_when_its_stdout_pipe_is_gone(tmp_path: P
             seen += line
             if b"press Ctrl-C" in line:
                 break
-        assert b"press Ctrl-C" in seen, seen.decode(errors="replace")[-3000:]
+        assert b"press Ctrl-C" in seen, (
+            seen.decode(errors="replace")[-2000:] + (tmp_path / "up.stderr").read_text()[-2000:]
+        )
         started = _descendants(proc.pid)
         broker = int((tmp_path / "kafka" / f"broker-{kafka_port}" / "broker.pid").read_text())
         assert broker in started and len(started) >= 4  # the broker, gateway, worker, sink
